@@ -1,0 +1,43 @@
+"""Every workaround CultureMERT needs for fairseq, torch and encodec on current Python.
+
+Each entry states its one-line reason. Imported first by ``culturemert/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import torch
+
+from culturemert.checkpoint import SAFE_GLOBALS
+
+
+def allow_fairseq_checkpoint_types() -> None:
+    """torch >= 2.6 unpickles with ``weights_only=True`` by default, and fairseq's own resume
+    path (``checkpoint_utils.load_checkpoint_to_cpu``) relies on it: allow fairseq's types."""
+    torch.serialization.add_safe_globals(SAFE_GLOBALS)
+
+
+def import_encodec() -> types.ModuleType:
+    """``encodec`` imports torchaudio at module top for file I/O helpers CultureMERT never
+    calls, and torchaudio does not load beside current torch: import it without torchaudio."""
+    try:
+        return importlib.import_module("encodec")
+    except (ImportError, OSError):
+        pass
+    for name in [n for n in sys.modules if n == "encodec" or n.startswith("encodec.")]:
+        del sys.modules[name]
+    previous = sys.modules.get("torchaudio")
+    sys.modules["torchaudio"] = types.ModuleType("torchaudio")
+    try:
+        return importlib.import_module("encodec")
+    finally:
+        if previous is None:
+            del sys.modules["torchaudio"]
+        else:
+            sys.modules["torchaudio"] = previous
+
+
+allow_fairseq_checkpoint_types()

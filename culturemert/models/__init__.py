@@ -1,0 +1,5 @@
+"""Models registered with fairseq."""
+
+from culturemert.models.mert import MertConfig, MertModel
+
+__all__ = ["MertConfig", "MertModel"]

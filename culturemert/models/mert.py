@@ -1,0 +1,348 @@
+"""MERT: a HuBERT-style music encoder with acoustic (EnCodec) and musical (CQT) heads.
+
+Architecture of MERT-v1-95M (SPEC §1; thesis 3.2): a 7-layer convolutional feature
+extractor (320x down-sampling: 24 kHz audio -> 75 frames/s), layer norm and projection to the
+transformer width, a grouped convolutional positional embedding, and a 12-layer transformer
+encoder. Pre-training heads: ``final_proj`` and the codeword embeddings ``label_embs_concat``
+score the 8 EnCodec codebooks by cosine similarity; ``encoder_cqt_model.fc`` regresses the CQT
+frame. Parameter names equal those of the released fairseq checkpoint, so it loads as is.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model
+from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
+from fairseq.modules import GradMultiply
+from torch import nn
+
+from culturemert.masking import span_mask
+
+
+@dataclass
+class MertConfig(FairseqDataclass):
+    """Hyper-parameters of the MERT model; defaults are MERT-v1-95M (SPEC §1)."""
+
+    conv_feature_layers: str = field(
+        default="[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+        metadata={"help": "conv stack as a python list of (channels, kernel, stride)"},
+    )
+    conv_bias: bool = field(default=False, metadata={"help": "bias in the conv layers"})
+    encoder_layers: int = field(default=12, metadata={"help": "transformer layers"})
+    encoder_embed_dim: int = field(default=768, metadata={"help": "transformer width"})
+    encoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "feed-forward width"})
+    encoder_attention_heads: int = field(default=12, metadata={"help": "attention heads"})
+    layer_norm_first: bool = field(
+        default=False,
+        metadata={"help": "pre-LN transformer; the released MERT-v1-95M is post-LN (false)"},
+    )
+    conv_pos: int = field(default=128, metadata={"help": "positional conv kernel size"})
+    conv_pos_groups: int = field(default=16, metadata={"help": "positional conv groups"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout in the transformer"})
+    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention"})
+    activation_dropout: float = field(default=0.0, metadata={"help": "dropout after the FFN"})
+    dropout_input: float = field(default=0.1, metadata={"help": "dropout on projected features"})
+    encoder_layerdrop: float = field(default=0.05, metadata={"help": "probability to skip a layer"})
+    feature_grad_mult: float = field(
+        default=0.1, metadata={"help": "scale of the gradient flowing into the conv extractor"}
+    )
+    mask_prob: float = field(default=0.8, metadata={"help": "span-start probability per frame"})
+    mask_length: int = field(default=5, metadata={"help": "masked span length in frames"})
+    num_codebooks: int = field(default=8, metadata={"help": "EnCodec codebooks predicted"})
+    codebook_size: int = field(default=1024, metadata={"help": "codes per codebook"})
+    num_special_symbols: int = field(
+        default=4,
+        metadata={
+            "help": "rows before the codes in each codeword block (the release's fairseq "
+            "Dictionary adds <s>, <pad>, </s>, <unk>: code c is row c + 4)"
+        },
+    )
+    final_dim: int = field(default=64, metadata={"help": "codeword embedding size"})
+    logit_temp: float = field(default=0.1, metadata={"help": "cosine-logit temperature"})
+    cqt_bins: int = field(default=336, metadata={"help": "CQT bins regressed by the head"})
+
+    @property
+    def conv_layers(self) -> list[tuple[int, int, int]]:
+        return parse_conv_layers(self.conv_feature_layers)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MertConfig:
+        """Config from a checkpoint's saved fields; fields MertConfig does not have are ignored
+        (the release stores task and loss settings beside the model's)."""
+        names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def codeword_rows(self) -> int:
+        """Rows of one codebook's block in ``label_embs_concat``."""
+        return self.codebook_size + self.num_special_symbols
+
+
+def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
+    """Evaluate fairseq's conv-stack notation, e.g. ``"[(512,10,5)] + [(512,3,2)] * 4"``,
+    allowing only int tuples, lists, ``+`` and ``*`` (no ``eval`` of config strings)."""
+
+    def evaluate(node: ast.AST):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = evaluate(node.left), evaluate(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [evaluate(element) for element in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        raise ValueError(f"conv_feature_layers: unsupported expression {ast.dump(node)}")
+
+    layers = evaluate(ast.parse(spec, mode="eval").body)
+    if not isinstance(layers, list) or not all(
+        isinstance(layer, tuple) and len(layer) == 3 for layer in layers
+    ):
+        raise ValueError(f"conv_feature_layers must be a list of (dim, kernel, stride): {spec!r}")
+    return layers
+
+
+def conv_output_lengths(lengths: torch.Tensor, conv_layers: list[tuple[int, int, int]]):
+    """Frames produced by the valid (unpadded) convolutions for inputs of ``lengths`` samples."""
+    for _, kernel, stride in conv_layers:
+        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+    return lengths
+
+
+class WeightNormConv1d(nn.Module):
+    """Grouped 1-D convolution with weight normalisation over dim 2, fairseq's parameter names
+    (``weight_g`` [1, 1, K], ``weight_v``, ``bias``); 'same' output length for even kernels."""
+
+    def __init__(self, channels: int, kernel_size: int, groups: int):
+        super().__init__()
+        weight = torch.empty(channels, channels // groups, kernel_size)
+        nn.init.normal_(weight, mean=0.0, std=(4.0 / (kernel_size * channels)) ** 0.5)
+        self.weight_g = nn.Parameter(weight.norm(dim=(0, 1), keepdim=True))
+        self.weight_v = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.kernel_size = kernel_size
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
+        x = F.conv1d(x, weight, self.bias, padding=self.kernel_size // 2, groups=self.groups)
+        return x[:, :, :-1] if self.kernel_size % 2 == 0 else x
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through PyTorch's fused scaled-dot-product kernel."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        batch, frames, dim = x.shape
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, frames, self.heads, dim // self.heads).transpose(1, 2)
+
+        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, frames, dim))
+
+
+class TransformerLayer(nn.Module):
+    """One encoder layer, post-LN (MERT-v1 release) or pre-LN (``layer_norm_first``)."""
+
+    def __init__(self, cfg: MertConfig):
+        super().__init__()
+        dim = cfg.encoder_embed_dim
+        self.layer_norm_first = cfg.layer_norm_first
+        self.self_attn = SelfAttention(dim, cfg.encoder_attention_heads, cfg.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.fc1 = nn.Linear(dim, cfg.encoder_ffn_embed_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_embed_dim, dim)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.activation_dropout(F.gelu(self.fc1(x)))))
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        if self.layer_norm_first:
+            x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), attend))
+            return x + self.feed_forward(self.final_layer_norm(x))
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x, attend)))
+        return self.final_layer_norm(x + self.feed_forward(x))
+
+
+class TransformerEncoder(nn.Module):
+    """Positional conv, layer norm and the layer stack; returns all hidden states (SPEC §1)."""
+
+    def __init__(self, cfg: MertConfig):
+        super().__init__()
+        dim = cfg.encoder_embed_dim
+        self.layer_norm_first = cfg.layer_norm_first
+        self.layerdrop = cfg.encoder_layerdrop
+        self.pos_conv = nn.Sequential(WeightNormConv1d(dim, cfg.conv_pos, cfg.conv_pos_groups), nn.GELU())
+        self.layer_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.encoder_layers))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """``x`` [B, T, C]; ``padding_mask`` [B, T] (True = padding) -> ``layers + 1`` tensors.
+
+        Entry 0 is the transformer input (after the positional conv, and after the layer norm
+        in post-LN); entry i is layer i's output, as transformers >= 5 ``HubertModel`` returns
+        them. In pre-LN the encoder's final output is ``layer_norm(hidden_states[-1])``
+        (``final_output``); transformers 4.x reported that normed tensor as the last entry.
+        """
+        attend = None
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+            attend = ~padding_mask[:, None, None, :]
+        x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+        hidden_states = [x]
+        for layer in self.layers:
+            skipped = self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop
+            if not skipped:
+                x = layer(x, attend)
+            hidden_states.append(x)
+        return hidden_states
+
+    def final_output(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
+        """The encoder output fed to the pre-training heads."""
+        last = hidden_states[-1]
+        return self.layer_norm(last) if self.layer_norm_first else last
+
+
+class CQTHead(nn.Module):
+    """The musical head: one linear map from a frame to its CQT magnitudes (thesis eq. 3.3)."""
+
+    def __init__(self, dim: int, bins: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, bins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@register_model("mert", dataclass=MertConfig)
+class MertModel(BaseFairseqModel):
+    """MERT encoder plus pre-training heads; see the module docstring."""
+
+    def __init__(self, cfg: MertConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.encoder_embed_dim
+        conv_layers = cfg.conv_layers
+        self.feature_extractor = ConvFeatureExtractionModel(
+            conv_layers=conv_layers, dropout=0.0, mode="default", conv_bias=cfg.conv_bias
+        )
+        conv_dim = conv_layers[-1][0]
+        self.layer_norm = nn.LayerNorm(conv_dim, eps=1e-5)
+        self.post_extract_proj = nn.Linear(conv_dim, dim)
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.mask_emb = nn.Parameter(torch.empty(dim).uniform_())
+        self.encoder = TransformerEncoder(cfg)
+        self.final_proj = nn.Linear(dim, cfg.final_dim * cfg.num_codebooks)
+        self.label_embs_concat = nn.Parameter(
+            torch.empty(cfg.num_codebooks * cfg.codeword_rows, cfg.final_dim).uniform_()
+        )
+        self.encoder_cqt_model = CQTHead(dim, cfg.cqt_bins)
+
+    @classmethod
+    def build_model(cls, cfg: MertConfig, task=None) -> MertModel:
+        return cls(cfg)
+
+    def frame_padding_mask(self, padding_mask: torch.Tensor | None, num_frames: int):
+        """Sample-level padding mask [B, samples] -> frame-level [B, num_frames] (True = pad).
+
+        A frame is valid when the conv stack's arithmetic on the clip's unpadded length
+        produces it, as in transformers' ``_get_feature_vector_attention_mask``.
+        """
+        if padding_mask is None:
+            return None
+        valid = conv_output_lengths((~padding_mask).sum(dim=1), self.cfg.conv_layers)
+        return torch.arange(num_frames, device=padding_mask.device)[None, :] >= valid[:, None]
+
+    def forward(
+        self,
+        source: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        mask: bool = True,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor] | None]:
+        """Encode audio ``source`` [B, samples] at 24 kHz.
+
+        Returns ``x`` (last hidden state [B, T, C]), ``hidden_states`` (list of
+        ``encoder_layers + 1`` tensors), ``padding_mask`` and ``mask_indices`` ([B, T] bools or
+        None) and ``features_pen`` (mean squared conv feature, the release's feature penalty).
+        With ``mask`` the masked frames' inputs are replaced by ``mask_emb`` (thesis 3.2).
+        """
+        if self.training and self.cfg.feature_grad_mult != 1.0:
+            features = self.feature_extractor(source)
+            features = GradMultiply.apply(features, self.cfg.feature_grad_mult)
+        else:
+            features = self.feature_extractor(source)
+        features_pen = features.float().pow(2).mean()
+        features = self.layer_norm(features.transpose(1, 2))
+        batch, num_frames, _ = features.shape
+        frame_padding = self.frame_padding_mask(padding_mask, num_frames)
+
+        x = self.dropout_input(self.post_extract_proj(features))
+        mask_indices = None
+        if mask:
+            valid = torch.full((batch,), num_frames, device=x.device)
+            if frame_padding is not None:
+                valid = (~frame_padding).sum(dim=1)
+            mask_indices = span_mask(valid, num_frames, self.cfg.mask_prob, self.cfg.mask_length)
+            x = torch.where(mask_indices[..., None], self.mask_emb.to(x.dtype), x)
+
+        hidden_states = self.encoder(x, frame_padding)
+        return {
+            "x": self.encoder.final_output(hidden_states),
+            "hidden_states": hidden_states,
+            "padding_mask": frame_padding,
+            "mask_indices": mask_indices,
+            "features_pen": features_pen,
+        }
+
+    def hidden_states(
+        self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The ``encoder_layers + 1`` hidden states [B, frames, C] used for probing (SPEC §1).
+
+        ``wav`` [B, samples] float audio at 24 kHz; ``padding_mask`` [B, samples], True where a
+        sample is padding. No masking; call ``model.eval()`` first for deterministic features.
+        """
+        return tuple(self.forward(wav, padding_mask, mask=False)["hidden_states"])
+
+    def codeword_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine-similarity logits [N, codebooks, codeword_rows] for frames ``x`` [N, C].
+
+        logit = cos(final_proj(x)_k, e_{k,v}) / logit_temp for codebook k and row v (thesis
+        eq. 3.2); one normalised matrix product per codebook, equal to fairseq's broadcast
+        cosine in ``compute_nce``.
+        """
+        cfg = self.cfg
+        projected = self.final_proj(x).view(-1, cfg.num_codebooks, cfg.final_dim)
+        codewords = self.label_embs_concat.view(cfg.num_codebooks, cfg.codeword_rows, cfg.final_dim)
+        projected = F.normalize(projected.float(), dim=-1, eps=1e-8)
+        codewords = F.normalize(codewords.float(), dim=-1, eps=1e-8)
+        return torch.einsum("nkd,kvd->nkv", projected, codewords) / cfg.logit_temp
+
+    def cqt_prediction(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted CQT magnitudes [..., cqt_bins] for frames ``x`` [..., C]."""
+        return self.encoder_cqt_model(x)
