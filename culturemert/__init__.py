@@ -1,10 +1,11 @@
 """CultureMERT: continual pre-training of MERT across musical cultures, as a fairseq user dir.
 
-Importing the package registers the model ``mert`` with fairseq; pass this folder as
+Importing the package registers with fairseq the model ``mert``, the criterion ``mert_mlm``,
+the task ``mert_cpt`` and the LR schedule ``cpt_cosine``; pass this folder as
 ``common.user_dir`` to ``fairseq-hydra-train``.
 """
 
-from culturemert import compat  # noqa: F401  (must run before fairseq loads checkpoints)
+from culturemert import compat, criterions, lr_scheduler, tasks  # noqa: F401  (registrations)
 from culturemert.audio import load_audio
 from culturemert.checkpoint import load_model
 from culturemert.models import MertConfig, MertModel

@@ -43,13 +43,17 @@ pip install -c "$constraints" "setuptools>=68" wheel "cython>=3" "numpy>=1.24"
 echo "== [3/4] culturemert, fairseq-fixed and the other dependencies"
 pip install -c "$constraints" --no-build-isolation -e "$here[dev]"
 
+# tinysoundfont renders the offline test and demo music; its only declared dependency, pyaudio
+# (live playback, never used here), needs portaudio headers to build, hence --no-deps.
+pip install --no-deps "tinysoundfont==0.3.7"
+
 echo "== [4/4] checks"
 if ! "$PYTHON" -c 'import torchaudio' 2>/dev/null; then
     echo "removing torchaudio: it does not load beside torch $torch_version and is not needed"
     pip uninstall -y torchaudio
 fi
 "$PYTHON" - <<'PY'
-import fairseq, torch, transformers, nnAudio, sklearn, soundfile, soxr, hydra, wandb
+import fairseq, torch, transformers, nnAudio, sklearn, soundfile, soxr, hydra, wandb, tinysoundfont
 import culturemert
 from culturemert.compat import import_encodec
 from fairseq.models import MODEL_REGISTRY

@@ -8,8 +8,6 @@ score the 8 EnCodec codebooks by cosine similarity; ``encoder_cqt_model.fc`` reg
 frame. Parameter names equal those of the released fairseq checkpoint, so it loads as is.
 """
 
-from __future__ import annotations
-
 import ast
 import dataclasses
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
 from fairseq.modules import GradMultiply
+from omegaconf import OmegaConf
 from torch import nn
 
 from culturemert.masking import span_mask
@@ -72,11 +71,32 @@ class MertConfig(FairseqDataclass):
         return parse_conv_layers(self.conv_feature_layers)
 
     @classmethod
-    def from_dict(cls, values: dict) -> MertConfig:
+    def from_dict(cls, values: dict) -> "MertConfig":
         """Config from a checkpoint's saved fields; fields MertConfig does not have are ignored
         (the release stores task and loss settings beside the model's)."""
         names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+    ARCHITECTURE = (
+        "conv_feature_layers",
+        "conv_bias",
+        "encoder_layers",
+        "encoder_embed_dim",
+        "encoder_ffn_embed_dim",
+        "encoder_attention_heads",
+        "layer_norm_first",
+        "conv_pos",
+        "conv_pos_groups",
+        "num_codebooks",
+        "codebook_size",
+        "num_special_symbols",
+        "final_dim",
+        "cqt_bins",
+    )
+
+    def architecture(self) -> dict:
+        """The fields that shape the parameters; training settings (dropouts, masking) excluded."""
+        return {name: getattr(self, name) for name in self.ARCHITECTURE}
 
     @property
     def codeword_rows(self) -> int:
@@ -245,6 +265,8 @@ class MertModel(BaseFairseqModel):
 
     def __init__(self, cfg: MertConfig):
         super().__init__()
+        if not isinstance(cfg, MertConfig):  # fairseq passes an omegaconf DictConfig
+            cfg = MertConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
         self.cfg = cfg
         dim = cfg.encoder_embed_dim
         conv_layers = cfg.conv_layers
@@ -264,7 +286,7 @@ class MertModel(BaseFairseqModel):
         self.encoder_cqt_model = CQTHead(dim, cfg.cqt_bins)
 
     @classmethod
-    def build_model(cls, cfg: MertConfig, task=None) -> MertModel:
+    def build_model(cls, cfg: MertConfig, task=None) -> "MertModel":
         return cls(cfg)
 
     def frame_padding_mask(self, padding_mask: torch.Tensor | None, num_frames: int):

@@ -1,0 +1,1 @@
+"""Data for pre-training: manifests, audio crops and batches."""

@@ -1,0 +1,264 @@
+"""Real music that installs offline: music21 corpus scores synthesised through a General-MIDI font.
+
+The scores come from the music21 corpus (PyPI `music21`), the soundfont is TimGM6mb.sf2 (shipped
+inside the `pretty-midi` package) and `tinysoundfont` synthesises it into a numpy buffer without an
+audio device. Collections are tagged (style, tune type or region, tempo, instrument), so a probe
+can be trained on what the rendered audio really contains.
+"""
+
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import tinysoundfont
+from music21 import common, corpus, meter, stream
+
+from culturemert.audio import SAMPLE_RATE
+
+SOUNDFONT = resources.files("pretty_midi") / "TimGM6mb.sf2"
+
+# General-MIDI programs (0-based) that one piece is played on; one is drawn per piece.
+INSTRUMENTS = {"piano": 0, "organ": 19, "violin": 40, "flute": 73}
+
+# Beats per minute are drawn uniformly from this range (the beat of the score's first time
+# signature), independently of the collection, so tempo is a balanced label of its own.
+BPM_RANGE = (60, 160)
+TEMPO_BUCKETS = ((130, "fast"), (90, "medium"), (0, "slow"))  # (lowest bpm, name)
+
+MELODIC_CHANNELS = [channel for channel in range(16) if channel != 9]  # MIDI channel 10 is drums
+VELOCITY = 90
+RELEASE_SECONDS = 0.5  # rendered after the last note-off so the final note decays
+PEAK = 10 ** (-1 / 20)  # output peak, -1 dBFS
+
+ESSEN_REGIONS = {
+    "china": ("han1", "han2"),
+    "germany": (
+        "altdeu10",
+        "altdeu20",
+        "boehme10",
+        "boehme20",
+        "dva0",
+        "erk5",
+        "erk10",
+        "erk20",
+        "erk30",
+        "fink0",
+        "kinder0",
+        "zuccal0",
+    ),
+}
+FIDDLE_TUNE_TYPES = ("reel", "jig", "hornpipe")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One score: its music21 corpus path, its ABC tune number (X:) in a multi-tune file or None,
+    and the tags that describe it."""
+
+    source: str
+    number: int | None
+    tags: dict[str, str]
+
+    def parse(self) -> stream.Score:
+        """Parse the score from the music21 corpus."""
+        return corpus.parse(self.source, number=self.number)
+
+
+def _note_events(
+    score: stream.Stream, seconds_per_quarter: float, sample_rate: int
+) -> list[tuple[int, bool, int, int]]:
+    """(sample, is_note_on, channel, key) of every sounding pitch, sorted by time with note-offs
+    first; each part plays on its own channel so unisons between parts do not cut each other."""
+    parts = list(score.parts) if isinstance(score, stream.Score) else [score]
+    samples_per_quarter = seconds_per_quarter * sample_rate
+    events = []
+    for index, part in enumerate(parts):
+        channel = MELODIC_CHANNELS[index % len(MELODIC_CHANNELS)]
+        for note in part.stripTies().flatten().notes:
+            if note.quarterLength == 0:  # grace notes have no duration of their own
+                continue
+            onset = round(float(note.offset) * samples_per_quarter)
+            offset = round(float(note.offset + note.quarterLength) * samples_per_quarter)
+            for pitch in note.pitches:
+                events.append((onset, True, channel, pitch.midi))
+                events.append((offset, False, channel, pitch.midi))
+    return sorted(events)
+
+
+def synthesize(
+    score: stream.Stream,
+    program: int = 0,
+    bpm: float = 100.0,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Render every part of `score` on General-MIDI `program` as mono float32 peaking at -1 dBFS.
+
+    `bpm` counts the beat of the score's first time signature (a dotted quarter in 6/8, a half
+    note in 2/2). Rendering stops at `max_seconds` when given.
+    """
+    time_signature = score.recurse().getElementsByClass(meter.TimeSignature).first()
+    beat = 1.0 if time_signature is None else float(time_signature.beatDuration.quarterLength)
+    events = _note_events(score, 60.0 / (bpm * beat), sample_rate)
+    if not events:
+        raise ValueError("the score has no notes to render")
+    num_samples = events[-1][0] + round(RELEASE_SECONDS * sample_rate)
+    if max_seconds is not None:
+        num_samples = min(num_samples, round(max_seconds * sample_rate))
+
+    synth = tinysoundfont.Synth(samplerate=sample_rate)
+    soundfont = synth.sfload(SOUNDFONT.read_bytes())
+    for channel in MELODIC_CHANNELS:
+        synth.program_select(channel, soundfont, 0, program)
+    stereo = np.zeros((num_samples, 2), dtype=np.float32)
+    cursor = 0
+    for sample, is_note_on, channel, key in events:
+        if sample >= num_samples:
+            break
+        if sample > cursor:
+            synth.generate_simple(sample - cursor, buffer=memoryview(stereo[cursor:sample]))
+            cursor = sample
+        if is_note_on:
+            synth.noteon(channel, key, VELOCITY)
+        else:
+            synth.noteoff(channel, key)
+    if cursor < num_samples:
+        synth.generate_simple(num_samples - cursor, buffer=memoryview(stereo[cursor:]))
+
+    mono = stereo.mean(axis=1)
+    peak = np.abs(mono).max()
+    if peak == 0:
+        raise ValueError(f"the score rendered silent on General-MIDI program {program}")
+    return mono * np.float32(PEAK / peak)
+
+
+def render_score(
+    score: stream.Stream | str,
+    out_path: str | os.PathLike,
+    program: int = 0,
+    bpm: float = 100.0,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+) -> Path:
+    """Render `score` (a music21 stream, or a corpus path such as "bach/bwv66.6.mxl") with
+    `synthesize` and write it atomically as a mono 16-bit WAV at `out_path`."""
+    if isinstance(score, str):
+        score = corpus.parse(score)
+    audio = synthesize(score, program, bpm, sample_rate, max_seconds)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
+    os.close(handle)
+    try:
+        sf.write(temp_path, audio, sample_rate, format="WAV", subtype="PCM_16")
+        os.replace(temp_path, out_path)
+    except BaseException:
+        Path(temp_path).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _corpus_dir() -> Path:
+    return Path(common.getCorpusFilePath())
+
+
+def _bach_pieces() -> list[Piece]:
+    # bwv846 is the first prelude and fugue of the Well-Tempered Clavier; the rest are chorales.
+    paths = sorted((_corpus_dir() / "bach").glob("*.mxl"))
+    return [
+        Piece(f"bach/{path.name}", None, {"style": "baroque-chorale"})
+        for path in paths
+        if path.name != "bwv846.mxl"
+    ]
+
+
+def _palestrina_pieces() -> list[Piece]:
+    paths = sorted((_corpus_dir() / "palestrina").glob("*.krn"))
+    return [Piece(f"palestrina/{path.name}", None, {"style": "renaissance-mass"}) for path in paths]
+
+
+def _fiddle_pieces() -> list[Piece]:
+    """Ryan's Mammoth Collection (1883), one tune per file, typed by its ABC rhythm field (R:)."""
+    pieces = []
+    for path in sorted((_corpus_dir() / "ryansMammoth").glob("*.abc")):
+        rhythm = re.search(rb"^R:(.*)$", path.read_bytes(), re.MULTILINE)
+        tune_type = rhythm[1].decode("ascii", "replace").strip().lower() if rhythm else ""
+        if tune_type in FIDDLE_TUNE_TYPES:
+            tags = {"style": "fiddle-tune", "tune_type": tune_type}
+            pieces.append(Piece(f"ryansMammoth/{path.name}", None, tags))
+    return pieces
+
+
+def _essen_pieces() -> list[Piece]:
+    """Essen folk songs from the Chinese (Han) and German files, one piece per ABC tune number."""
+    pieces = []
+    for region, stems in ESSEN_REGIONS.items():
+        for stem in stems:
+            text = (_corpus_dir() / "essenFolksong" / f"{stem}.abc").read_bytes()
+            for number in re.findall(rb"^X:\s*(\d+)", text, re.MULTILINE):
+                tags = {"style": "folk-song", "region": region}
+                pieces.append(Piece(f"essenFolksong/{stem}.abc", int(number), tags))
+    return pieces
+
+
+COLLECTIONS: dict[str, Callable[[], list[Piece]]] = {
+    "bach": _bach_pieces,
+    "palestrina": _palestrina_pieces,
+    "fiddle": _fiddle_pieces,
+    "essen": _essen_pieces,
+}
+
+
+def list_collection(name: str) -> list[Piece]:
+    """All pieces of a named collection (see `COLLECTIONS`), in a fixed order."""
+    if name not in COLLECTIONS:
+        raise ValueError(f"unknown collection {name!r}; choose one of {sorted(COLLECTIONS)}")
+    return COLLECTIONS[name]()
+
+
+def tempo_bucket(bpm: float) -> str:
+    """Name the tempo of `bpm` beats per minute: slow, medium or fast."""
+    return next(name for lowest, name in TEMPO_BUCKETS if bpm >= lowest)
+
+
+def render_collection(
+    name: str,
+    out_dir: str | os.PathLike,
+    n: int,
+    seed: int,
+    max_seconds: float | None = 30.0,
+) -> list[tuple[Path, dict[str, str]]]:
+    """Render `n` pieces drawn from collection `name` into `out_dir` as `{name}-{index:04d}.wav`.
+
+    The pieces, each piece's instrument and its tempo are drawn from `seed`, so the same arguments
+    give bit-identical files. Returns each file with its tags: collection, style, tune_type or
+    region where the collection has one, instrument, bpm, tempo bucket and corpus source.
+    """
+    pieces = list_collection(name)
+    if not 0 < n <= len(pieces):
+        raise ValueError(f"n={n}: collection {name!r} has {len(pieces)} pieces")
+    rng = random.Random(f"{name}/{seed}")
+    rendered = []
+    for index, piece in enumerate(rng.sample(pieces, n)):
+        instrument = rng.choice(list(INSTRUMENTS))
+        bpm = rng.randint(*BPM_RANGE)
+        out_path = Path(out_dir) / f"{name}-{index:04d}.wav"
+        render_score(piece.parse(), out_path, INSTRUMENTS[instrument], bpm, max_seconds=max_seconds)
+        source = piece.source if piece.number is None else f"{piece.source}#{piece.number}"
+        tags = {
+            "collection": name,
+            **piece.tags,
+            "instrument": instrument,
+            "bpm": str(bpm),
+            "tempo": tempo_bucket(bpm),
+            "source": source,
+        }
+        rendered.append((out_path, tags))
+    return rendered

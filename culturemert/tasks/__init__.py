@@ -1,0 +1,5 @@
+"""Tasks registered with fairseq."""
+
+from culturemert.tasks.mert_cpt import MertCptConfig, MertCptTask
+
+__all__ = ["MertCptConfig", "MertCptTask"]
