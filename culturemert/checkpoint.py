@@ -126,15 +126,26 @@ def read_fairseq(path: str | os.PathLike, trust: bool = False) -> tuple[MertConf
 
 
 def read_hf(folder: str | os.PathLike) -> tuple[MertConfig, dict]:
-    """Model config and fairseq-named backbone state of an HF folder (heads absent)."""
+    """Model config and fairseq-named backbone state of an HF folder (heads absent).
+
+    Weights come from ``model.safetensors`` or, in older uploads, ``pytorch_model.bin``.
+    """
     folder = Path(folder)
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    for needed in (config_path, weights_path):
-        if not needed.is_file():
-            raise CheckpointError(f"{folder}: missing {needed.name}; expected an HF model folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: missing config.json; expected an HF model folder")
+    weights_path = next(
+        (folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()),
+        None,
+    )
+    if weights_path is None:
+        raise CheckpointError(f"{folder}: missing model.safetensors (or pytorch_model.bin)")
     cfg = mert_config_from_hf(json.loads(config_path.read_text()), str(folder))
+    tensors = (
+        load_file(weights_path) if weights_path.suffix == ".safetensors" else read_checkpoint(weights_path)
+    )
     state, unknown = {}, []
-    for key, value in load_file(weights_path).items():
+    for key, value in tensors.items():
         name = hf_key_to_fairseq(key)
         if name is None:
             unknown.append(key)

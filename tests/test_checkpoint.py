@@ -188,3 +188,31 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError):  # the payload runs only when trusted explicitly
         load_model(tmp_path / "evil.pt", trust_checkpoint=True)
     assert marker.exists()
+
+
+def test_map_style_folder_with_bin_weights_and_legacy_weight_norm_names(tmp_path, seeded):
+    """The m-a-p/MERT-v1-95M upload: model_type 'mert_model', pytorch_model.bin, weight_g/v."""
+    import json
+
+    cfg = tiny_config()
+    original = MertModel(cfg).eval()
+    save_fairseq(tmp_path / "a.pt", cfg, original.state_dict())
+    convert(tmp_path / "a.pt", tmp_path / "hf")
+    legacy = {
+        key.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): value
+        for key, value in load_file(tmp_path / "hf" / "model.safetensors").items()
+    }
+    folder = tmp_path / "map"
+    folder.mkdir()
+    torch.save(legacy, folder / "pytorch_model.bin")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.pop("culturemert")
+    config["model_type"] = "mert_model"
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_model(folder)
+    wav = torch.randn(1, 24_000)
+    with torch.no_grad():
+        for a, b in zip(loaded.hidden_states(wav), original.hidden_states(wav)):
+            assert torch.equal(a, b)
