@@ -1,0 +1,163 @@
+"""Real fairseq training on real (rendered) music: the objective learns, the LR schedule follows
+the formula, stage 1 freezes the transformer, and run_cpt.sh resumes after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from culturemert.audio import audio_info, read_crop
+from culturemert.checkpoint import read_checkpoint
+from culturemert.data.manifest import write_manifest
+from culturemert.lr_scheduler import cpt_cosine_lr
+from culturemert.music_corpus import render_collection
+from culturemert.targets.encodec_teacher import EncodecTeacher
+from culturemert.targets.token_cache import build_token_cache
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE1_TRAINABLE = ("feature_extractor.", "label_embs_concat")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Rendered fiddle tunes (6 train, 2 valid clips of 4 s) as the manifests of both stages,
+    with token caches from one data-initialised EnCodec teacher, and a tiny random model."""
+    root = tmp_path_factory.mktemp("cpt")
+    rendered = render_collection("fiddle", root / "audio", 8, seed=0, max_seconds=4)
+    entries = [(path.name, audio_info(path)[0]) for path, _ in rendered]
+    stage1 = root / "manifests" / "stage1"
+    write_manifest(stage1 / "train.tsv", root / "audio", entries[:6])
+    write_manifest(stage1 / "valid.tsv", root / "audio", entries[6:])
+    calibration = torch.from_numpy(np.concatenate([read_crop(p, 0, 72_000) for p, _ in rendered[:6]]))
+    teacher = EncodecTeacher.from_data(calibration[None], seed=0)
+    for split in ("train", "valid"):
+        build_token_cache(
+            stage1 / f"{split}.tsv", teacher, root / "manifests/tokens/stage1" / split, progress=False
+        )
+    # Stage 2 uses the same clips here: identical manifests, so the caches stay valid copies.
+    shutil.copytree(stage1, root / "manifests" / "stage2")
+    shutil.copytree(root / "manifests/tokens/stage1", root / "manifests/tokens/stage2")
+    init_model = [sys.executable, str(REPO / "scripts/init_model.py")]
+    tiny = str(REPO / "configs/model/tiny.yaml")
+    subprocess.run(
+        [*init_model, "--config", tiny, "--out", str(root / "init.pt")], check=True, capture_output=True
+    )
+    return root
+
+
+def training_log(log_file: Path) -> list[dict]:
+    """The per-update records fairseq writes with common.log_format=json."""
+    records = []
+    for line in log_file.read_text().splitlines():
+        if "][train_inner][" in line:
+            records.append(json.loads(line.split(" - ", 1)[1]))
+    return records
+
+
+def test_hydra_train_on_real_music_learns_and_follows_the_lr_formula(corpus, tmp_path):
+    save_dir = tmp_path / "run"
+    overrides = subprocess.run(
+        [sys.executable, str(REPO / "scripts/model_overrides.py"), str(corpus / "init.pt")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    command = [
+        "fairseq-hydra-train", "--config-dir", str(REPO / "configs"), "--config-name", "stage2",
+        "+cpt=makam_stage2", "+preset=tiny", f"common.user_dir={REPO / 'culturemert'}",
+        f"task.data={corpus / 'manifests/stage2'}", f"task.tokens={corpus / 'manifests/tokens/stage2'}",
+        f"checkpoint.save_dir={save_dir}", f"checkpoint.finetune_from_model={corpus / 'init.pt'}",
+        f"hydra.run.dir={save_dir}", "hydra.job.chdir=false", "common.log_format=json",
+        "common.wandb_project=culturemert-test", "optimization.max_update=30", "optimization.lr=[2e-3]",
+        "lr_scheduler.warmup_ratio=0.2", "lr_scheduler.min_lr=1e-4", "dataset.validate_interval_updates=30",
+        *[o for o in overrides if o],
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, env=env, cwd=tmp_path)
+    records = training_log(save_dir / "hydra_train.log")
+    assert [int(r["num_updates"]) for r in records] == list(range(1, 31))
+
+    losses = np.array([float(r["loss"]) for r in records])
+    assert losses[-8:].mean() < 0.9 * losses[:8].mean(), losses
+
+    for t in (1, 3, 6, 18, 30):  # warm-up start, middle and end, mid-decay, final step
+        logged = float(records[t - 1]["lr"])
+        assert logged == pytest.approx(cpt_cosine_lr(t, 2e-3, 1e-4, warmup=6, end=30), rel=1e-5)
+
+    assert any((tmp_path / "wandb").glob("offline-run-*")), "common.wandb_project logged nothing"
+
+
+def run_cpt(corpus: Path, out: Path, timeout: float | None = None, kill_in_stage2: bool = False):
+    env = {
+        **os.environ,
+        "PRESET": "tiny",
+        "INIT": str(corpus / "init.pt"),
+        "MANIFESTS": str(corpus / "manifests"),
+        "CPT_OUT": str(out),
+    }
+    process = subprocess.Popen(
+        ["bash", str(REPO / "scripts/run_cpt.sh"), "makam"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    if kill_in_stage2:
+        checkpoint = out / "makam" / "stage2" / "checkpoint_last.pt"
+        while not checkpoint.exists():
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return None
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output
+    return output
+
+
+def final_updates(checkpoint: Path) -> int:
+    return read_checkpoint(checkpoint)["optimizer_history"][-1]["num_updates"]
+
+
+def test_run_cpt_freezes_in_stage1_trains_all_in_stage2_and_resumes(corpus, tmp_path):
+    output = run_cpt(corpus, tmp_path / "full")
+    run = tmp_path / "full" / "makam"
+    assert "final model (HF folder)" in output
+
+    start = read_checkpoint(corpus / "init.pt")["model"]
+    stage1 = read_checkpoint(run / "stage1" / "checkpoint_last.pt")["model"]
+    stage2 = read_checkpoint(run / "stage2" / "checkpoint_last.pt")["model"]
+    assert set(start) == set(stage1) == set(stage2)
+    for name in start:
+        if name.startswith(STAGE1_TRAINABLE):
+            assert not torch.equal(stage1[name], start[name]), f"stage 1 did not train {name}"
+        else:
+            assert torch.equal(stage1[name], start[name]), f"stage 1 changed frozen {name}"
+    transformer = [name for name in start if name.startswith("encoder.layers.")]
+    assert all(not torch.equal(stage2[name], stage1[name]) for name in transformer)
+    assert final_updates(run / "stage1" / "checkpoint_last.pt") == 12
+    assert final_updates(run / "stage2" / "checkpoint_last.pt") == 12
+
+    from transformers import HubertModel
+
+    HubertModel.from_pretrained(run / "hf")
+
+    # Killed during stage 2 and rerun: stage 1 (finished, taken from the run above) is skipped
+    # and stage 2 resumes from its checkpoint_last.pt to the same final update.
+    killed = tmp_path / "killed" / "makam"
+    shutil.copytree(run / "stage1", killed / "stage1")
+    run_cpt(corpus, tmp_path / "killed", kill_in_stage2=True)
+    assert (killed / "stage1" / "finished").exists() and not (killed / "stage2" / "finished").exists()
+    interrupted_at = final_updates(killed / "stage2" / "checkpoint_last.pt")
+    assert interrupted_at < 12
+    output = run_cpt(corpus, tmp_path / "killed")
+    assert "stage 1 already finished" in output
+    assert final_updates(killed / "stage2" / "checkpoint_last.pt") == 12
+    assert (killed / "hf" / "model.safetensors").exists()
