@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import pickle
+import typing
 from pathlib import Path
 
 import numpy as np
+import omegaconf
 import torch
 from fairseq.data.dictionary import Dictionary
 from fairseq.logging import meters
@@ -33,9 +35,26 @@ from culturemert.models.mert import MertConfig, MertModel
 logger = logging.getLogger(__name__)
 
 # Types a fairseq checkpoint may pickle besides tensors and plain containers: the task's
-# dictionaries, training meters, argparse configs of old releases, numpy scalars in meters.
+# dictionaries, training meters, argparse configs of old releases, numpy scalars in meters, and
+# omegaconf containers (fairseq broadcasts a loaded checkpoint, config included, to every rank).
 SAFE_GLOBALS = [
     argparse.Namespace,
+    typing.Any,
+    dict,
+    list,
+    int,
+    float,
+    str,
+    bool,
+    omegaconf.DictConfig,
+    omegaconf.ListConfig,
+    omegaconf.base.ContainerMetadata,
+    omegaconf.base.Metadata,
+    omegaconf.nodes.AnyNode,
+    omegaconf.nodes.StringNode,
+    omegaconf.nodes.IntegerNode,
+    omegaconf.nodes.FloatNode,
+    omegaconf.nodes.BooleanNode,
     collections.defaultdict,
     Dictionary,
     meters.AverageMeter,

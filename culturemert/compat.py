@@ -15,9 +15,12 @@ from culturemert.checkpoint import SAFE_GLOBALS
 
 
 def allow_fairseq_checkpoint_types() -> None:
-    """torch >= 2.6 unpickles with ``weights_only=True`` by default, and fairseq's own resume
-    path (``checkpoint_utils.load_checkpoint_to_cpu``) relies on it: allow fairseq's types."""
-    torch.serialization.add_safe_globals(SAFE_GLOBALS)
+    """torch >= 2.6 unpickles with ``weights_only=True`` by default, and fairseq relies on the
+    old default when it resumes (``checkpoint_utils.load_checkpoint_to_cpu``) and when it
+    broadcasts a loaded checkpoint to the other ranks (``broadcast_object``): allow its types."""
+    from fairseq.distributed.utils import _TensorPlaceholder
+
+    torch.serialization.add_safe_globals([*SAFE_GLOBALS, _TensorPlaceholder])
 
 
 def import_encodec() -> types.ModuleType:

@@ -19,6 +19,8 @@
 #   PRESET     'tiny': configs/preset/tiny.yaml (CPU-sized steps, batch and crops); without
 #              INIT it starts from a small random model (configs/model/tiny.yaml)
 #   ABLATION   a file of configs/ablation/ added to both stages; single_stage_* runs stage 2 only
+#   LAUNCH     a launcher for multi-process training, e.g. "torchrun --nproc_per_node 8", used
+#              with the override +launch=torchrun (README, "Scaling out")
 #
 # Rerunning after an interruption resumes the unfinished stage from its checkpoint_last.pt and
 # skips finished stages.
@@ -96,7 +98,7 @@ for stage in "${stages[@]}"; do
         echo "run_cpt.sh: stage $stage already finished ($save_dir), skipping"
     else
         echo "run_cpt.sh: stage $stage from $start -> $save_dir"
-        fairseq-hydra-train --config-dir "$repo/configs" --config-name "stage$stage" \
+        ${LAUNCH:-} "$(command -v fairseq-hydra-train)" --config-dir "$repo/configs" --config-name "stage$stage" \
             "+cpt=${culture}_stage$stage" "${extra[@]}" \
             "common.user_dir=$repo/culturemert" \
             "task.data=$manifests/stage$stage" "task.tokens=$tokens/stage$stage" \

@@ -64,25 +64,30 @@ def training_log(log_file: Path) -> list[dict]:
     return records
 
 
-def test_hydra_train_on_real_music_learns_and_follows_the_lr_formula(corpus, tmp_path):
-    save_dir = tmp_path / "run"
-    overrides = subprocess.run(
+def stage2_command(corpus: Path, save_dir: Path, *overrides: str) -> list[str]:
+    """fairseq-hydra-train arguments of a tiny stage-2 run on the corpus, from its init model."""
+    architecture = subprocess.run(
         [sys.executable, str(REPO / "scripts/model_overrides.py"), str(corpus / "init.pt")],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split("\n")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
-    command = [
-        "fairseq-hydra-train", "--config-dir", str(REPO / "configs"), "--config-name", "stage2",
+        check=True, capture_output=True, text=True,
+    ).stdout.splitlines()  # fmt: skip
+    return [
+        shutil.which("fairseq-hydra-train"), "--config-dir", str(REPO / "configs"), "--config-name", "stage2",
         "+cpt=makam_stage2", "+preset=tiny", f"common.user_dir={REPO / 'culturemert'}",
         f"task.data={corpus / 'manifests/stage2'}", f"task.tokens={corpus / 'manifests/tokens/stage2'}",
         f"checkpoint.save_dir={save_dir}", f"checkpoint.finetune_from_model={corpus / 'init.pt'}",
         f"hydra.run.dir={save_dir}", "hydra.job.chdir=false", "common.log_format=json",
-        "common.wandb_project=culturemert-test", "optimization.max_update=30", "optimization.lr=[2e-3]",
-        "lr_scheduler.warmup_ratio=0.2", "lr_scheduler.min_lr=1e-4", "dataset.validate_interval_updates=30",
-        *[o for o in overrides if o],
+        *architecture, *overrides,
     ]  # fmt: skip
+
+
+def test_hydra_train_on_real_music_learns_and_follows_the_lr_formula(corpus, tmp_path):
+    save_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    command = stage2_command(
+        corpus, save_dir, "common.wandb_project=culturemert-test", "optimization.max_update=30",
+        "optimization.lr=[2e-3]", "lr_scheduler.warmup_ratio=0.2", "lr_scheduler.min_lr=1e-4",
+        "dataset.validate_interval_updates=30",
+    )  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, env=env, cwd=tmp_path)
     records = training_log(save_dir / "hydra_train.log")
     assert [int(r["num_updates"]) for r in records] == list(range(1, 31))
@@ -161,3 +166,28 @@ def test_run_cpt_freezes_in_stage1_trains_all_in_stage2_and_resumes(corpus, tmp_
     assert "stage 1 already finished" in output
     assert final_updates(killed / "stage2" / "checkpoint_last.pt") == 12
     assert (killed / "hf" / "model.safetensors").exists()
+
+
+def test_two_process_data_parallel_run_on_cpu(corpus, tmp_path):
+    """fairseq's own distributed training, two torchrun processes over gloo (+launch=torchrun_cpu)."""
+    save_dir = tmp_path / "ddp"
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29617",
+    ]
+    command = torchrun + stage2_command(corpus, save_dir, "+launch=torchrun_cpu", "optimization.max_update=3")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (save_dir / "hydra_train.log").read_text()
+    assert "distributed init (rank 0)" in log and "distributed init (rank 1)" in log
+    # 6 training clips in batches of 2: one process takes 3 batches per epoch, each of two ranks 2.
+    epochs = [
+        json.loads(line.split(" - ", 1)[1])["epoch"] for line in log.splitlines() if "][train_inner][" in line
+    ]
+    assert epochs[:2] == [1, 1] and 2 in epochs
+    assert final_updates(save_dir / "checkpoint_last.pt") == 3
