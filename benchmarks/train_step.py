@@ -36,7 +36,8 @@ def measure(device: str, targets: str, stage: int, steps: int) -> dict:
     criterion = MertMlmCriterion(MertMlmConfig(), task)
     wav = torch.randn(batch, 120_000, device=device) * 0.1
     if targets == "on_the_fly":
-        task.encodec = EncodecTeacher.from_data(wav[:1].cpu(), seed=0).to(device)
+        calibration = torch.randn(1, 20 * 24_000) * 0.1  # from_data needs >= 1,024 distinct frames
+        task.encodec = EncodecTeacher.from_data(calibration, seed=0).to(device)
     codes = torch.randint(0, 1024, (batch, 375, 8), device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 

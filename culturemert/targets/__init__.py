@@ -1,0 +1,1 @@
+"""Teacher targets of the MERT objective: EnCodec tokens and CQT frames."""
