@@ -2,7 +2,7 @@
 
 Both hold the same randomly initialised MERT-v1-95M weights (converted through the HF format)
 and return all 13 hidden states for batches of 5 s clips, in eval mode without gradients.
-Prints clips per second of each and their ratio, on the CPU and on CUDA when present.
+Prints the median clips per second of each and their ratio, on the CPU and on CUDA when present.
 
     python benchmarks/extract_features.py [--batch 4] [--repeats 5] [--threads 2]
 """
@@ -10,6 +10,7 @@ Prints clips per second of each and their ratio, on the CPU and on CUDA when pre
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,17 +23,23 @@ from culturemert.checkpoint import convert, save_fairseq
 from culturemert.models.mert import MertConfig, MertModel
 
 
-def clips_per_second(forward, wav: torch.Tensor, repeats: int) -> float:
+def clips_per_second(forwards: dict, wav: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median clips/s of each forward; the timed batches alternate between the forwards so that
+    a change in machine load affects them alike."""
+    times = {name: [] for name in forwards}
     with torch.inference_mode():
-        forward(wav)  # warm-up
-        if wav.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        for forward in forwards.values():
+            forward(wav)  # warm-up
         for _ in range(repeats):
-            forward(wav)
-        if wav.is_cuda:
-            torch.cuda.synchronize()
-    return repeats * wav.shape[0] / (time.perf_counter() - start)
+            for name, forward in forwards.items():
+                if wav.is_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                forward(wav)
+                if wav.is_cuda:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    return {name: wav.shape[0] / statistics.median(seconds) for name, seconds in times.items()}
 
 
 def main() -> None:
@@ -57,10 +64,15 @@ def main() -> None:
         ours.to(device)
         theirs.to(device)
         wav = torch.randn(args.batch, 120_000, device=device)
-        ours_speed = clips_per_second(ours.hidden_states, wav, args.repeats)
-        theirs_speed = clips_per_second(
-            lambda w: theirs(w, output_hidden_states=True).hidden_states, wav, args.repeats
+        speed = clips_per_second(
+            {
+                "culturemert": ours.hidden_states,
+                "transformers": lambda w: theirs(w, output_hidden_states=True).hidden_states,
+            },
+            wav,
+            args.repeats,
         )
+        ours_speed, theirs_speed = speed["culturemert"], speed["transformers"]
         print(f"{device:<8}{ours_speed:>22.2f}{theirs_speed:>22.2f}{ours_speed / theirs_speed:>8.2f}")
 
 
