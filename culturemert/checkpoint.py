@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import typing
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -78,17 +79,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
-def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
+def read_checkpoint(path: str | os.PathLike, trust: bool = False, mmap: bool = False) -> dict:
     """Unpickle a ``.pt`` file. Unless ``trust``, only tensors, plain containers and
-    ``SAFE_GLOBALS`` are allowed; anything else is refused before any of it runs."""
+    ``SAFE_GLOBALS`` are allowed; anything else is refused before any of it runs. With ``mmap``
+    the tensors stay in the file until touched (files in torch's zip format; older ones load)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    mmap = mmap and zipfile.is_zipfile(path)
     if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         allowed = {f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS}
@@ -131,9 +134,11 @@ def build_and_load(source: str, cfg: MertConfig, state: dict[str, torch.Tensor])
     return model
 
 
-def read_fairseq(path: str | os.PathLike, trust: bool = False) -> tuple[MertConfig, dict]:
+def read_fairseq(
+    path: str | os.PathLike, trust: bool = False, mmap: bool = False
+) -> tuple[MertConfig, dict]:
     """Model config and state dict of a fairseq ``.pt`` (ours or the released MERT-v1-95M)."""
-    checkpoint = read_checkpoint(path, trust)
+    checkpoint = read_checkpoint(path, trust, mmap)
     if "model" not in checkpoint:
         raise CheckpointError(f"{path}: no 'model' entry; is this a fairseq checkpoint?")
     cfg = checkpoint.get("cfg") or {}

@@ -4,8 +4,9 @@
     eta_t = eta_min + (eta_max - eta_min) / 2 * (1 + cos(pi * (t - T_warmup) / (T_end - T_warmup)))
 
 with T_warmup = round(warmup_ratio * T_end) and T_end = ``optimization.max_update``; eta_t is
-the rate after t updates. fairseq's own ``cosine`` scheduler restarts its cycle at
-t = T_end (it returns lr_shrink * eta_max there instead of eta_min), hence this one.
+the rate after t updates. fairseq's own ``cosine`` scheduler differs: it restarts its cycle
+at t = T_end (returning lr_shrink * eta_max there instead of eta_min) and, by default, warms up
+from min_lr rather than 0; hence this one.
 With ``min_lr`` equal to ``lr`` and no warm-up it is constant: the "no re-warming" ablation.
 """
 
