@@ -24,7 +24,7 @@ import torch
 
 def measure(device: str, targets: str, stage: int, steps: int) -> dict:
     from culturemert.criterions.mert_mlm import MertMlmConfig, MertMlmCriterion
-    from culturemert.models.mert import MertConfig
+    from culturemert.models.mert import MertConfig, MertModel
     from culturemert.targets.encodec_teacher import EncodecTeacher
     from culturemert.tasks.mert_cpt import MertCptConfig, MertCptTask
 
@@ -32,7 +32,7 @@ def measure(device: str, targets: str, stage: int, steps: int) -> dict:
     batch = 4 if device == "cuda" else 2
     trainable = ".*" if stage == 2 else r"feature_extractor\..*,label_embs_concat"
     task = MertCptTask(MertCptConfig(data="unused", tokens="cached", trainable=trainable, seed=1))
-    model = task.build_model(MertConfig()).to(device).train()
+    model = task.freeze_for_stage(MertModel(MertConfig())).to(device).train()
     criterion = MertMlmCriterion(MertMlmConfig(), task)
     wav = torch.randn(batch, 120_000, device=device) * 0.1
     if targets == "on_the_fly":

@@ -83,7 +83,10 @@ class MertCptTask(FairseqTask):
         return cls(cfg)
 
     def build_model(self, cfg, from_checkpoint: bool = False):
-        model = super().build_model(cfg, from_checkpoint)
+        return self.freeze_for_stage(super().build_model(cfg, from_checkpoint))
+
+    def freeze_for_stage(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Train only the parameters named by ``task.trainable`` (thesis 3.3); log the counts."""
         patterns = [re.compile(p.strip()) for p in self.cfg.trainable.split(",") if p.strip()]
         trainable = frozen = 0
         for name, parameter in model.named_parameters():
