@@ -3,7 +3,7 @@
 #
 #   bash scripts/run_cpt.sh <culture> [hydra overrides...]
 #
-# <culture> is a run of configs/cpt/: multi, makam, hindustani, carnatic or lyra. Stage 1
+# <culture> is a run of configs/cpt/: multi, makam, hindustani, carnatic or lyra (or demo). Stage 1
 # trains the conv feature extractor and codeword embeddings on the replay mix; stage 2 trains
 # everything on the full data; each stage starts a fresh optimizer and LR schedule. The final
 # model is exported to a Hugging Face folder.
@@ -11,11 +11,12 @@
 # Environment (defaults in brackets):
 #   INIT       start checkpoint, fairseq .pt or HF folder [weights/MERT-v1-95M_fairseq.pt];
 #              the model's architecture always comes from it
-#   MANIFESTS  folder with stage1/ and stage2/ manifests [data_manifests/<culture>]
+#   NAME       name of this run's outputs, for several runs of one config [<culture>]
+#   MANIFESTS  folder with stage1/ and stage2/ manifests [data_manifests/<NAME>]
 #   TOKENS     token caches, <TOKENS>/stage<n>/<split>/ [<MANIFESTS>/tokens]; built on first use
 #              when ENCODEC names the EnCodec 24 kHz weights
 #   ENCODEC    EnCodec weights for building missing caches [weights/encodec_24khz-d7cc33bc.th]
-#   CPT_OUT    output root; this run writes <CPT_OUT>/<culture>/{stage1,stage2,hf} [runs]
+#   CPT_OUT    output root; this run writes <CPT_OUT>/<NAME>/{stage1,stage2,hf} [runs]
 #   PRESET     'tiny': configs/preset/tiny.yaml (CPU-sized steps, batch and crops); without
 #              INIT it starts from a small random model (configs/model/tiny.yaml)
 #   ABLATION   a file of configs/ablation/ added to both stages; single_stage_* runs stage 2 only
@@ -35,8 +36,9 @@ shift
 [[ -f "$repo/configs/cpt/${culture}_stage1.yaml" ]] ||
     fail "no run '$culture' in configs/cpt/; one of: $(ls "$repo/configs/cpt" | sed -n 's/_stage1.yaml$//p' | xargs)"
 
-out=${CPT_OUT:-runs}/$culture
-manifests=${MANIFESTS:-data_manifests/$culture}
+name=${NAME:-$culture}
+out=${CPT_OUT:-runs}/$name
+manifests=${MANIFESTS:-data_manifests/$name}
 tokens=${TOKENS:-$manifests/tokens}
 encodec=${ENCODEC:-weights/encodec_24khz-d7cc33bc.th}
 preset=${PRESET:-}
