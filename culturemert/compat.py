@@ -6,12 +6,17 @@ Each entry states its one-line reason. Imported first by ``culturemert/__init__.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import types
 
-import torch
+# fairseq imports every task at start-up, and its text_to_speech task logs an install hint for
+# tensorboardX (an optional logger CultureMERT does not use) on every run: silence that one logger.
+logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
-from culturemert.checkpoint import SAFE_GLOBALS
+import torch  # noqa: E402
+
+from culturemert.checkpoint import SAFE_GLOBALS  # noqa: E402
 
 
 def allow_fairseq_checkpoint_types() -> None:
