@@ -16,7 +16,12 @@ logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
 import torch  # noqa: E402
 
-from culturemert.checkpoint import SAFE_GLOBALS  # noqa: E402
+from culturemert.checkpoint import SAFE_GLOBALS  # noqa: E402  (imports fairseq)
+
+# fairseq's wav2vec2_classification module runs logging.basicConfig(level=DEBUG) when fairseq is
+# imported, which floods every program's output with third-party debug lines: back to INFO.
+if logging.getLogger().level == logging.DEBUG:
+    logging.getLogger().setLevel(logging.INFO)
 
 
 def allow_fairseq_checkpoint_types() -> None:

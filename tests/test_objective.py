@@ -189,3 +189,23 @@ def test_manifest_rate_and_length_errors_name_the_file(tmp_path):
     dataset = CropDataset(read_manifest(tmp_path / "long.tsv"), 120_000, 72_000)
     with pytest.raises(AudioError, match="b.wav: crop .* runs past the end"):
         dataset[0]
+
+
+def test_task_targets_come_from_the_clean_audio_and_only_the_input_is_mixed(tmp_path, seeded):
+    """mert_cpt.add_targets: CQT and on-the-fly EnCodec codes of the clean crops, noise mixture on
+    the model input only (training), nothing mixed for validation."""
+    from culturemert.targets.encodec_teacher import EncodecTeacher
+    from culturemert.tasks.mert_cpt import MertCptConfig, MertCptTask
+
+    teacher = EncodecTeacher.from_data(torch.randn(1, 20 * 24_000) * 0.1, seed=0)
+    teacher.save(tmp_path / "teacher.th")
+    task = MertCptTask(
+        MertCptConfig(data="unused", encodec_checkpoint=str(tmp_path / "teacher.th"), mixup_prob=1.0)
+    )
+    clean = torch.randn(3, 24_000) * 0.1
+    sample = task.add_targets({"net_input": {"source": clean.clone(), "padding_mask": None}}, mix=True)
+    assert not torch.equal(sample["net_input"]["source"], clean)
+    assert torch.equal(sample["cqt"], CQTTeacher()(clean))
+    assert torch.equal(sample["codes"], teacher.codes(clean))
+    valid = task.add_targets({"net_input": {"source": clean.clone(), "padding_mask": None}}, mix=False)
+    assert torch.equal(valid["net_input"]["source"], clean)

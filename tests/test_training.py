@@ -148,6 +148,9 @@ def test_run_cpt_freezes_in_stage1_trains_all_in_stage2_and_resumes(corpus, tmp_
     transformer = [name for name in start if name.startswith("encoder.layers.")]
     assert all(not torch.equal(stage2[name], stage1[name]) for name in transformer)
     assert final_updates(run / "stage1" / "checkpoint_last.pt") == 12
+    # Frozen parameters get no optimizer state: Adam's moments exist for the trainable ones only.
+    optimizer_state = read_checkpoint(run / "stage1" / "checkpoint_last.pt")["last_optimizer_state"]["state"]
+    assert len(optimizer_state) == sum(name.startswith(STAGE1_TRAINABLE) for name in start)
     assert final_updates(run / "stage2" / "checkpoint_last.pt") == 12
 
     from transformers import HubertModel

@@ -1,0 +1,12 @@
+"""MARBLE-style probing of frozen MERT models (SPEC §5; thesis 3.5.2, App. A.2) and token-level
+culture similarity (SPEC §6; thesis 4.3).
+
+- `tasks`: the six tagging datasets on their published splits, and generic CSV task files;
+- `chunking`: the 30 s sliding windows, the per-dataset duration cut, waveform normalisation;
+- `features`: frozen-model extraction of every layer's mean-pooled chunk features into a cache;
+- `metrics`: per-track aggregation and the scikit-learn tagging metrics;
+- `probe`: the MLP probe, its learning-rate selection on validation and its seeds;
+- `report`: tables and plots over probe runs;
+- `token_similarity`: code histograms, Jensen-Shannon divergence and cosine distance;
+- `semantic_tokens`: k-means "semantic tokens" of one layer's frame features.
+"""
