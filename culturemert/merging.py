@@ -43,19 +43,6 @@ METHODS = ("task_arithmetic", "ties", "dare")
 # The shared lambdas swept in thesis 4.4; 0.2 was best (CultureMERT-TA).
 SWEEP_LAMBDAS = (0.1, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0)
 
-# MertConfig fields that fix the tensors' shapes or what they compute. The others (dropouts,
-# masking, loss temperature) are training settings; the merged model takes them from the base.
-BACKBONE_FIELDS = (
-    "conv_bias",
-    "encoder_layers",
-    "encoder_embed_dim",
-    "encoder_ffn_embed_dim",
-    "encoder_attention_heads",
-    "layer_norm_first",
-    "conv_pos",
-    "conv_pos_groups",
-)
-HEAD_FIELDS = ("num_codebooks", "codebook_size", "num_special_symbols", "final_dim", "cqt_bins")
 
 # Bytes of tensors read from each input at a time: bounds the file pages resident beside the merged
 # state. Elements of one tensor the per-element maths works on at a time: bounds its scratch memory.
@@ -259,8 +246,7 @@ def _labels(sources: Sequence[Source]) -> list[str]:
 
 
 def _architecture(cfg: MertConfig, with_heads: bool) -> dict:
-    fields = BACKBONE_FIELDS + (HEAD_FIELDS if with_heads else ())
-    return {"conv layers": cfg.conv_layers, **{name: getattr(cfg, name) for name in fields}}
+    return {**cfg.architecture(heads=with_heads), "conv_feature_layers": cfg.conv_layers}
 
 
 def _differences(label: str, specs: dict, expected: dict, reference: str, dtypes: bool) -> list[str]:

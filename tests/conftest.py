@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
 from culturemert.models.mert import MertConfig
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_CONV = "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2"
 
 
@@ -31,3 +36,20 @@ def tiny_config(**overrides) -> MertConfig:
 def seeded():
     torch.manual_seed(0)
     yield
+
+
+def script_main(name: str) -> Callable[[list[str] | None], int]:
+    """The ``main`` of ``scripts/<name>.py``, to run a command line in-process (no 6 s start-up)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors on a shared CPU: a second thread only adds synchronisation cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -47,14 +47,7 @@ HAND_TAUS = torch.tensor(
 #   agreeing [0.5], [0.25], [-0.7], [-0.4, -0.35] -> disjoint means:
 HAND_TIES = torch.tensor([0.5, 0.25, -0.7, -0.375])
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared CPU: a second thread only adds synchronisation cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_models(folder: Path, count: int, cfg=None, scale: float = 0.01):

@@ -3,7 +3,6 @@ stage budgets with a 20 % replay share, determinism, resuming, and the evaluatio
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from conftest import script_main
 
 from culturemert.audio import SAMPLE_RATE, load_audio
 from culturemert.data.manifest import read_manifest
@@ -39,13 +39,6 @@ HOURS = ["--stage1-hours", repr(150 / 3600), "--stage2-hours", repr(180 / 3600)]
 needs_splits = pytest.mark.skipif(
     not SPLITS.is_dir(), reason=f"the evaluation splits are not beside the repository ({SPLITS})"
 )
-
-
-def _main():
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "scripts" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -198,7 +191,7 @@ def test_missing_training_ids_are_listed(music, tmp_path, capsys):
     _write(culture / f"{read_split(SPLITS / 'makam').train[0]}.wav", music, 60)
 
     args = ["--run", "makam", "--culture", f"makam={culture}", "--replay", str(culture)]
-    status = _main()([*args, "--out", str(tmp_path / "out")])  # the default --splits-root
+    status = script_main("prepare_data")([*args, "--out", str(tmp_path / "out")])  # the default --splits-root
 
     message = capsys.readouterr().err
     assert status == 2 and not (tmp_path / "out").exists()
@@ -208,7 +201,7 @@ def test_missing_training_ids_are_listed(music, tmp_path, capsys):
 
 @needs_splits
 def test_same_seed_same_manifests_resumed_from_written_segments_other_seed_other_data(generic, tmp_path):
-    main = _main()
+    main = script_main("prepare_data")
     audio = tmp_path / "audio"
     assert main(_generic_args(generic, tmp_path / "a", "--audio-out", str(audio))) == 0
     written = {path: path.stat().st_mtime_ns for path in audio.rglob("*.flac")}
@@ -244,7 +237,7 @@ def test_leak_check_refuses_a_planted_test_item_and_writes_nothing(generic, musi
         str(tmp_path / "out"),
     ]
 
-    status = _main()(args)
+    status = script_main("prepare_data")(args)
 
     message = capsys.readouterr().err
     assert status == 2

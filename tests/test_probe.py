@@ -8,7 +8,6 @@ collection and General-MIDI instrument, encoded by a randomly initialised tiny M
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from conftest import script_main
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from culturemert.audio import SAMPLE_RATE
@@ -51,21 +51,7 @@ needs_splits = pytest.mark.skipif(
     not SPLITS.is_dir(), reason=f"the evaluation splits are not beside the repository ({SPLITS})"
 )
 
-
-def _main():
-    spec = importlib.util.spec_from_file_location("probe_cli", REPO / "scripts" / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared CPU: a second thread only adds synchronisation cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str, list[str]]]) -> Path:
@@ -102,7 +88,7 @@ def cache(tagged, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("features") / "cache"
     args = ["extract", "--model", str(model), "--task", str(task_file), "--audio-root", str(audio)]
     args += ["--out", str(out), "--window-seconds", str(WINDOW), "--name", "tiny", "--no-progress"]
-    assert _main()(args) == 0
+    assert script_main("probe")(args) == 0
     return out
 
 
@@ -213,12 +199,13 @@ def test_a_task_with_an_id_missing_from_the_audio_root_is_refused_by_name(tagged
     with pytest.raises(TaskError, match="ghost-0001"):
         find_audio(load_csv_task(task_file), audio)
     args = ["extract", "--model", str(model), "--task", str(task_file), "--audio-root", str(audio)]
-    assert _main()([*args, "--out", str(tmp_path / "cache")]) == 2
+    assert script_main("probe")([*args, "--out", str(tmp_path / "cache")]) == 2
     error = capsys.readouterr().err
     assert "holey" in error and "ghost-0001" in error and str(audio) in error and "Traceback" not in error
     assert not (tmp_path / "cache").exists()
 
-    assert _main()([*args, "--out", str(tmp_path / "cache"), "--skip-missing", "--no-progress"]) == 0
+    args += ["--out", str(tmp_path / "cache"), "--skip-missing", "--no-progress"]
+    assert script_main("probe")(args) == 0
     meta = FeatureCache.open(tmp_path / "cache").meta
     assert meta["ids"] == ["bach-0000", "essen-0000"] and meta["skipped_missing_audio"] == ["ghost-0001"]
 
@@ -277,7 +264,7 @@ def test_extraction_resumes_after_a_crash_and_matches_an_uninterrupted_run(tagge
 def test_a_probe_on_rendered_music_beats_chance_and_reports_scikit_learns_metrics(cache, tmp_path):
     run = tmp_path / "all"
     args = ["fit", "--features", str(cache), "--layer", "all", "--out", str(run), "--no-progress"]
-    assert _main()([*args, "--seeds", "2", "--max-epochs", "30", "--lrs", "1e-3", "1e-2"]) == 0
+    assert script_main("probe")([*args, "--seeds", "2", "--max-epochs", "30", "--lrs", "1e-3", "1e-2"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["mean"]["roc_auc"] >= 0.70, results["mean"]
     assert results["model"] == "tiny" and results["task"] == "rendered" and results["layer"] == "all"
@@ -373,7 +360,7 @@ def test_report_tables_pick_layers_on_validation_and_draw_every_plot(tmp_path, c
     assert lambda_of("lambda_0.25") == 0.25 and lambda_of("CultureMERT") is None
 
     # and from real fit runs through the CLI
-    main = _main()
+    main = script_main("probe")
     for layer in ("0", "2"):
         args = ["fit", "--features", str(cache), "--layer", layer, "--out", str(tmp_path / "fit" / layer)]
         assert main([*args, "--seeds", "1", "--max-epochs", "5", "--lrs", "1e-3", "--no-progress"]) == 0

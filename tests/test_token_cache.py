@@ -6,7 +6,6 @@ one (`EncodecTeacher.from_data`): same architecture and cost, codebooks drawn fr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import script_main
 
 from culturemert.audio import SAMPLE_RATE, AudioError, load_audio
 from culturemert.compat import import_encodec
@@ -203,18 +203,11 @@ def test_from_checkpoint_gives_encodec_codes_at_6_kbps(tmp_path, manifest, weigh
         EncodecTeacher.from_checkpoint(tmp_path / "truncated.th")
 
 
-def _extract_tokens_main():
-    spec = importlib.util.spec_from_file_location("extract_tokens", REPO / "scripts" / "extract_tokens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_cli_missing_weights_exits_2_naming_the_file(tmp_path, manifest, capsys):
     missing = tmp_path / "weights" / CHECKPOINT_NAME
     arguments = ["--manifest", str(manifest), "--encodec", str(missing), "--out", str(tmp_path / "tokens")]
 
-    assert _extract_tokens_main()(arguments) == 2
+    assert script_main("extract_tokens")(arguments) == 2
     (message,) = capsys.readouterr().err.splitlines()
     assert str(missing) in message and CHECKPOINT_URL in message
 
@@ -226,7 +219,7 @@ def test_cli_names_bad_audio_or_skips_it(tmp_path, manifest, teacher, weights, c
     mixed = tmp_path / "mixed.tsv"
     write_manifest(mixed, tmp_path, [("broken.wav", 24000), (rows.files[2], int(rows.num_samples[2]))])
     arguments = ["--manifest", str(mixed), "--encodec", str(weights[0]), "--out", str(tmp_path / "tokens")]
-    main = _extract_tokens_main()
+    main = script_main("extract_tokens")
 
     assert main(arguments) == 2
     assert "broken.wav" in capsys.readouterr().err

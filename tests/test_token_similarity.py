@@ -5,7 +5,6 @@ tokens" of one layer's frames."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import tiny_config
+from conftest import script_main, tiny_config
 
 from culturemert.checkpoint import save_fairseq
 from culturemert.data.manifest import write_manifest
@@ -24,23 +23,7 @@ from culturemert.probing.token_similarity import code_histograms, pairwise_dista
 REPO = Path(__file__).resolve().parents[1]
 CODEBOOKS, CODES = 8, 1024
 
-
-def _main():
-    spec = importlib.util.spec_from_file_location(
-        "token_similarity_cli", REPO / "scripts" / "token_similarity.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared CPU: a second thread only adds synchronisation cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_token_cache(folder: Path, codes: np.ndarray, manifest: str = "unused.tsv") -> Path:
@@ -98,7 +81,8 @@ def test_divergences_are_the_codebook_means_of_the_textbook_formulas(caches):
 def test_cli_writes_csv_matrices_and_heatmaps(caches, tmp_path, capsys):
     out = tmp_path / "report"
     paths = [str(path) for path in caches.values()]
-    assert _main()(["--caches", *paths, "--names", "A", "B", "C", "--out", str(out)]) == 0
+    args = ["--caches", *paths, "--names", "A", "B", "C", "--out", str(out)]
+    assert script_main("token_similarity")(args) == 0
     for stem in ("js_divergence", "cosine_distance"):
         assert (out / f"{stem}.png").stat().st_size > 0
         with (out / f"{stem}.csv").open() as handle:
@@ -109,7 +93,7 @@ def test_cli_writes_csv_matrices_and_heatmaps(caches, tmp_path, capsys):
     assert np.load(out / "histograms.npz")["counts"].shape == (3, CODEBOOKS, CODES)
 
     (caches["c"] / "meta.json").unlink()
-    assert _main()(["--caches", *paths, "--out", str(out)]) == 2
+    assert script_main("token_similarity")(["--caches", *paths, "--out", str(out)]) == 2
     assert "no meta.json" in capsys.readouterr().err
 
 
@@ -130,9 +114,8 @@ def test_semantic_tokens_cluster_one_layer_of_the_caches_audio(tmp_path):
     save_fairseq(tmp_path / "tiny.pt", cfg, MertModel(cfg).state_dict())
     out = tmp_path / "semantic"
     args = ["--semantic", "--model", str(tmp_path / "tiny.pt"), "--layer", "1", "--k", "8"]
-    assert (
-        _main()([*args, "--caches", *map(str, caches), "--names", "bach", "fiddle", "--out", str(out)]) == 0
-    )
+    args += ["--caches", *map(str, caches), "--names", "bach", "fiddle", "--out", str(out)]
+    assert script_main("token_similarity")(args) == 0
     counts = np.load(out / "semantic_histograms.npz")["counts"]
     assert counts.shape == (2, 1, 8)
     assert counts.sum(axis=(1, 2)).tolist() == [frames for _, frames in manifests]  # every frame assigned

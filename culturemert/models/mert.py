@@ -77,7 +77,7 @@ class MertConfig(FairseqDataclass):
         names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
         return cls(**{k: v for k, v in values.items() if k in names})
 
-    ARCHITECTURE = (
+    BACKBONE_ARCHITECTURE = (
         "conv_feature_layers",
         "conv_bias",
         "encoder_layers",
@@ -87,16 +87,14 @@ class MertConfig(FairseqDataclass):
         "layer_norm_first",
         "conv_pos",
         "conv_pos_groups",
-        "num_codebooks",
-        "codebook_size",
-        "num_special_symbols",
-        "final_dim",
-        "cqt_bins",
     )
+    HEAD_ARCHITECTURE = ("num_codebooks", "codebook_size", "num_special_symbols", "final_dim", "cqt_bins")
 
-    def architecture(self) -> dict:
-        """The fields that shape the parameters; training settings (dropouts, masking) excluded."""
-        return {name: getattr(self, name) for name in self.ARCHITECTURE}
+    def architecture(self, heads: bool = True) -> dict:
+        """The fields that shape the parameters (of the backbone, and of the pre-training heads
+        with ``heads``); training settings (dropouts, masking) are left out."""
+        names = self.BACKBONE_ARCHITECTURE + (self.HEAD_ARCHITECTURE if heads else ())
+        return {name: getattr(self, name) for name in names}
 
     @property
     def codeword_rows(self) -> int:

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from culturemert.audio import SAMPLE_RATE, load_audio
 from culturemert.checkpoint import load_model
+from culturemert.files import write_atomically
 from culturemert.models.mert import MertModel
 from culturemert.probing.chunking import MIN_LAST_SECONDS, WINDOW_SECONDS, recording_chunks
 from culturemert.probing.tasks import Task
@@ -193,18 +193,8 @@ class _PartEncoder:
         }
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write `path` through a temporary sibling that replaces it only once fully on disk."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _write_json(path: Path, value: dict) -> None:
-    _write_atomically(path, lambda handle: handle.write(json.dumps(value, indent=1).encode()))
+    write_atomically(path, lambda handle: handle.write(json.dumps(value, indent=1).encode()))
 
 
 def _part_path(partial: Path, index: int) -> Path:
@@ -258,9 +248,9 @@ def _finalize(
             with np.load(_part_path(partial, index)) as part:
                 handle.write(part["features"].astype(FEATURE_DTYPE).tobytes())
 
-    _write_atomically(out_dir / "features.npy", write_features)
-    _write_atomically(out_dir / "chunk_recording.npy", lambda handle: np.save(handle, chunk_recording))
-    _write_atomically(out_dir / "labels.npy", lambda handle: np.save(handle, task.labels.astype(np.uint8)))
+    write_atomically(out_dir / "features.npy", write_features)
+    write_atomically(out_dir / "chunk_recording.npy", lambda handle: np.save(handle, chunk_recording))
+    write_atomically(out_dir / "labels.npy", lambda handle: np.save(handle, task.labels.astype(np.uint8)))
     meta = {
         **settings,
         "model_path": str(model_path.resolve()),
@@ -356,9 +346,7 @@ def extract_features(
             encoder.add(row, chunks)
             bar.update(1)
         arrays = encoder.finish()
-        _write_atomically(
-            _part_path(partial, index), lambda handle, arrays=arrays: np.savez(handle, **arrays)
-        )
+        write_atomically(_part_path(partial, index), lambda handle, arrays=arrays: np.savez(handle, **arrays))
     bar.close()
     _finalize(out_dir, partial, len(parts), task, settings, model_path)
     return out_dir

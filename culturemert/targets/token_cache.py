@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from culturemert.audio import SAMPLE_RATE, AudioError, audio_info, read_crop
 from culturemert.data.manifest import Manifest, read_manifest
+from culturemert.files import write_atomically
 from culturemert.targets.encodec_teacher import (
     BANDWIDTH,
     CODEBOOK_SIZE,
@@ -217,7 +217,7 @@ def _start_or_resume(partial: Path, settings: dict) -> None:
             )
         return
     partial.mkdir(parents=True, exist_ok=True)
-    _write_atomically(record, lambda handle: handle.write(json.dumps(settings).encode()))
+    write_atomically(record, lambda handle: handle.write(json.dumps(settings).encode()))
 
 
 def _parts(num_samples: np.ndarray, batch_samples: int) -> list[range]:
@@ -237,7 +237,7 @@ def _part_path(partial: Path, index: int) -> Path:
 
 
 def _write_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    _write_atomically(path, lambda handle: np.savez(handle, **arrays))
+    write_atomically(path, lambda handle: np.savez(handle, **arrays))
 
 
 def _chunks(row: int, num_samples: int, chunk_frames: int) -> list[_Chunk]:
@@ -347,8 +347,8 @@ def _finalize(out_dir: Path, manifest: Manifest, settings: dict, num_parts: int)
             with np.load(_part_path(partial, index)) as part:
                 handle.write(part["codes"].astype("<u2").tobytes())
 
-    _write_atomically(out_dir / "codes.npy", write_codes)
-    _write_atomically(out_dir / "offsets.npy", lambda handle: np.save(handle, offsets))
+    write_atomically(out_dir / "codes.npy", write_codes)
+    write_atomically(out_dir / "offsets.npy", lambda handle: np.save(handle, offsets))
     meta = {
         **settings,
         "bandwidth": BANDWIDTH,
@@ -361,15 +361,5 @@ def _finalize(out_dir: Path, manifest: Manifest, settings: dict, num_parts: int)
         "total_frames": int(offsets[-1]),
         "skipped": skipped,
     }
-    _write_atomically(out_dir / "meta.json", lambda handle: handle.write(json.dumps(meta, indent=2).encode()))
+    write_atomically(out_dir / "meta.json", lambda handle: handle.write(json.dumps(meta, indent=2).encode()))
     shutil.rmtree(partial)
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write `path` through a temporary sibling that replaces it only once fully on disk."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
