@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import shutil
 import sys
 import types
 
@@ -53,4 +55,24 @@ def import_encodec() -> types.ModuleType:
             sys.modules["torchaudio"] = previous
 
 
+def make_checkpoint_copies_atomic() -> None:
+    """fairseq writes a checkpoint atomically, then copies it in place to checkpoint_last.pt
+    (and the other names due); a kill during that copy leaves a truncated checkpoint_last.pt that
+    stops the next resume: copy local files through a temporary file and a rename instead."""
+    from fairseq.file_io import PathManager
+
+    copy_in_place = PathManager.copy
+
+    def copy_atomically(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if "://" in str(dst_path):
+            return copy_in_place(src_path, dst_path, overwrite)
+        temporary = f"{dst_path}.tmp"
+        shutil.copyfile(src_path, temporary)
+        os.replace(temporary, dst_path)
+        return True
+
+    PathManager.copy = staticmethod(copy_atomically)
+
+
 allow_fairseq_checkpoint_types()
+make_checkpoint_copies_atomic()

@@ -93,6 +93,12 @@ for stage in "${stages[@]}"; do
     done
 done
 
+if ! problems=$(python "$repo/scripts/check_stage_data.py" --manifests "$manifests" --tokens "$tokens" \
+    --stages "${stages[@]}" 2>&1 >/dev/null); then
+    fail "the run's manifests and token caches do not fit together (rebuild a stale cache: delete it and set ENCODEC):
+$(grep '^check_stage_data: ' <<<"$problems" | sed 's/^check_stage_data: /  /')"
+fi
+
 start=$init
 for stage in "${stages[@]}"; do
     save_dir=$out/stage$stage
