@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from culturemert.audio import SAMPLE_RATE, load_audio
 from culturemert.checkpoint import load_model
-from culturemert.files import write_atomically
+from culturemert.files import part_path, start_or_resume, write_atomically, write_json_atomically
 from culturemert.models.mert import MertModel
 from culturemert.probing.chunking import MIN_LAST_SECONDS, WINDOW_SECONDS, recording_chunks
 from culturemert.probing.tasks import Task
@@ -193,32 +193,6 @@ class _PartEncoder:
         }
 
 
-def _write_json(path: Path, value: dict) -> None:
-    write_atomically(path, lambda handle: handle.write(json.dumps(value, indent=1).encode()))
-
-
-def _part_path(partial: Path, index: int) -> Path:
-    return partial / f"part-{index:06d}.npz"
-
-
-def _start_or_resume(out_dir: Path, settings: dict) -> Path:
-    """The `.partial` folder of `out_dir`, created with its settings or checked against them."""
-    partial = out_dir / ".partial"
-    record = partial / "settings.json"
-    if record.is_file():
-        previous = json.loads(record.read_text())
-        if previous != settings:
-            changed = sorted(key for key in settings if previous.get(key) != settings[key])
-            raise FeatureCacheError(
-                f"{partial} holds partial work made with other {', '.join(changed)}; rerun with the same "
-                f"options to resume, or delete {partial} to start over"
-            )
-        return partial
-    partial.mkdir(parents=True, exist_ok=True)
-    _write_json(record, settings)
-    return partial
-
-
 def _check_complete(out_dir: Path, settings: dict) -> None:
     """Refuse a complete cache in `out_dir` that was made from another task, model or settings."""
     meta = json.loads((out_dir / "meta.json").read_text())
@@ -236,7 +210,7 @@ def _finalize(
     """Join the parts into the cache arrays, write meta.json last and drop `.partial`."""
     chunk_recording, shape = [], None
     for index in range(num_parts):
-        with np.load(_part_path(partial, index)) as part:
+        with np.load(part_path(partial, index)) as part:
             chunk_recording.append(part["chunk_recording"])
             shape = part["features"].shape[1:]
     chunk_recording = np.concatenate(chunk_recording)
@@ -245,7 +219,7 @@ def _finalize(
         header = {"descr": FEATURE_DTYPE, "fortran_order": False, "shape": (len(chunk_recording), *shape)}
         np.lib.format.write_array_header_1_0(handle, header)
         for index in range(num_parts):
-            with np.load(_part_path(partial, index)) as part:
+            with np.load(part_path(partial, index)) as part:
                 handle.write(part["features"].astype(FEATURE_DTYPE).tobytes())
 
     write_atomically(out_dir / "features.npy", write_features)
@@ -262,7 +236,7 @@ def _finalize(
         "dim": int(shape[1]),
         "dtype": "float16",
     }
-    _write_json(out_dir / "meta.json", meta)
+    write_json_atomically(out_dir / "meta.json", meta)
     shutil.rmtree(partial)
 
 
@@ -319,12 +293,13 @@ def extract_features(
         _check_complete(out_dir, settings)
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = _start_or_resume(out_dir, settings)
+    partial = out_dir / ".partial"
+    start_or_resume(partial, settings, FeatureCacheError)
     parts = [
         range(first, min(first + part_recordings, len(task)))
         for first in range(0, len(task), part_recordings)
     ]
-    pending = [index for index in range(len(parts)) if not _part_path(partial, index).is_file()]
+    pending = [index for index in range(len(parts)) if not part_path(partial, index).is_file()]
     device = torch.device(device)
     model = load_model(model_path, device)
     rows = [row for index in pending for row in parts[index]]
@@ -346,7 +321,7 @@ def extract_features(
             encoder.add(row, chunks)
             bar.update(1)
         arrays = encoder.finish()
-        write_atomically(_part_path(partial, index), lambda handle, arrays=arrays: np.savez(handle, **arrays))
+        write_atomically(part_path(partial, index), lambda handle, arrays=arrays: np.savez(handle, **arrays))
     bar.close()
     _finalize(out_dir, partial, len(parts), task, settings, model_path)
     return out_dir

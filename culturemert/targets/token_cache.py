@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from culturemert.audio import SAMPLE_RATE, AudioError, audio_info, read_crop
 from culturemert.data.manifest import Manifest, read_manifest
-from culturemert.files import write_atomically
+from culturemert.files import part_path, start_or_resume, write_atomically
 from culturemert.targets.encodec_teacher import (
     BANDWIDTH,
     CODEBOOK_SIZE,
@@ -112,11 +112,11 @@ def build_token_cache(
         return out_dir
 
     partial = out_dir / ".partial"
-    _start_or_resume(partial, settings)
+    start_or_resume(partial, settings, TokenCacheError)
     batch_samples = round(batch_seconds * SAMPLE_RATE)
     parts = _parts(manifest.num_samples, batch_samples)
     seconds = [float(manifest.num_samples[rows].sum()) / SAMPLE_RATE for rows in parts]
-    todo = [index for index in range(len(parts)) if not _part_path(partial, index).is_file()]
+    todo = [index for index in range(len(parts)) if not part_path(partial, index).is_file()]
     with tqdm(
         total=sum(seconds),
         initial=sum(seconds) - sum(seconds[index] for index in todo),
@@ -128,7 +128,7 @@ def build_token_cache(
         for index in todo:
             counted = bar.n
             arrays = _encode_part(manifest, parts[index], teacher, batch_samples, chunk_frames, skip_bad, bar)
-            _write_part(_part_path(partial, index), arrays)
+            _write_part(part_path(partial, index), arrays)
             bar.update(seconds[index] - (bar.n - counted))  # the rest: rows skipped as bad audio
     _finalize(out_dir, manifest, settings, len(parts))
     return out_dir
@@ -204,22 +204,6 @@ def _check_complete_cache(out_dir: Path, manifest: Manifest, settings: dict) -> 
         )
 
 
-def _start_or_resume(partial: Path, settings: dict) -> None:
-    """Create `partial` with its settings record, or check an existing one was made with the same."""
-    record = partial / "settings.json"
-    if record.is_file():
-        previous = json.loads(record.read_text())
-        if previous != settings:
-            changed = sorted(key for key in settings if previous.get(key) != settings[key])
-            raise TokenCacheError(
-                f"{partial} holds partial work made with other {', '.join(changed)}; rerun with the "
-                f"same options to resume, or delete {partial} to start over"
-            )
-        return
-    partial.mkdir(parents=True, exist_ok=True)
-    write_atomically(record, lambda handle: handle.write(json.dumps(settings).encode()))
-
-
 def _parts(num_samples: np.ndarray, batch_samples: int) -> list[range]:
     """Consecutive rows grouped into parts of at most `batch_samples` samples (at least one row)."""
     parts, first, total = [], 0, 0
@@ -230,10 +214,6 @@ def _parts(num_samples: np.ndarray, batch_samples: int) -> list[range]:
         total += length
     parts.append(range(first, len(num_samples)))
     return parts
-
-
-def _part_path(partial: Path, index: int) -> Path:
-    return partial / f"part-{index:06d}.npz"
 
 
 def _write_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -334,7 +314,7 @@ def _finalize(out_dir: Path, manifest: Manifest, settings: dict, num_parts: int)
     partial = out_dir / ".partial"
     frames, skipped = [], []
     for index in range(num_parts):
-        with np.load(_part_path(partial, index)) as part:
+        with np.load(part_path(partial, index)) as part:
             frames.append(part["frames"])
             for row, reason in zip(part["bad_rows"].tolist(), part["bad_reasons"].tolist()):
                 skipped.append({"row": row, "file": manifest.files[row], "reason": reason})
@@ -344,7 +324,7 @@ def _finalize(out_dir: Path, manifest: Manifest, settings: dict, num_parts: int)
         header = {"descr": "<u2", "fortran_order": False, "shape": (int(offsets[-1]), NUM_CODEBOOKS)}
         np.lib.format.write_array_header_1_0(handle, header)
         for index in range(num_parts):
-            with np.load(_part_path(partial, index)) as part:
+            with np.load(part_path(partial, index)) as part:
                 handle.write(part["codes"].astype("<u2").tobytes())
 
     write_atomically(out_dir / "codes.npy", write_codes)
