@@ -27,6 +27,8 @@ fi
 
 pip() { "$PYTHON" -m pip "$@"; }
 
+pip install --quiet --upgrade pip  # older pips lack editable installs of pyproject projects
+
 echo "== [1/4] torch"
 if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
     pip install "torch==${CULTUREMERT_TORCH_VERSION:-2.13.0}"
