@@ -114,6 +114,7 @@ def fit(args: argparse.Namespace) -> None:
         early_stopping_patience=args.early_stopping_patience,
         learning_rates=tuple(args.lrs),
         seeds=args.seeds,
+        standardize=args.standardize,
     )
     results, predictions = fit_probe(cache, args.layer, config, args.device, args.name, not args.no_progress)
     out = write_run(args.out, results, predictions)
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--lrs", type=float, nargs="+", default=list(LEARNING_RATES), help="learning-rate grid")
     p.add_argument("--max-epochs", type=int, default=100)
+    p.add_argument(
+        "--standardize", action="store_true", help="z-score features with training statistics (not MARBLE's)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr-patience", type=int, default=3)
     p.add_argument("--early-stopping-patience", type=int, default=10)

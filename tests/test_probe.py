@@ -367,3 +367,20 @@ def test_report_tables_pick_layers_on_validation_and_draw_every_plot(tmp_path, c
     assert main(["report", str(tmp_path / "fit"), "--out", str(tmp_path / "fit_report")]) == 0
     assert (tmp_path / "fit_report" / "layerwise_roc_auc.png").is_file()
     assert "| tiny |" in (tmp_path / "fit_report" / "table.md").read_text()
+
+
+def test_standardize_z_scores_features_with_training_statistics():
+    """fit --standardize: every feature has zero mean and unit variance over the training chunks,
+    and the other splits are scaled with the same statistics (nothing learnt from them)."""
+    from culturemert.probing.probe import ProbeData
+
+    generator = torch.Generator().manual_seed(0)
+    features = (torch.randn(10, 3, 4, generator=generator) * 0.01 + 5).half()
+    chunks = {"train": torch.arange(6), "valid": torch.arange(6, 8), "test": torch.arange(8, 10)}
+    data = ProbeData(features, torch.zeros(10, 2), np.arange(10), chunks, {}, {})
+    standard = data.standardized().features.float()
+    train = standard[:6]
+    assert torch.allclose(train.mean(dim=0), torch.zeros(3, 4), atol=2e-3)
+    assert torch.allclose(train.std(dim=0, unbiased=False), torch.ones(3, 4), atol=2e-3)
+    mean, std = features[:6].float().mean(0), features[:6].float().std(0, unbiased=False)
+    assert torch.allclose(standard[8:], ((features[8:].float() - mean) / std), atol=1e-2)

@@ -6,7 +6,9 @@ Linear(512, tags), trained with BCE-with-logits on the chunks of the training re
 chunk carries its recording's tags), Adam (0.9, 0.999, 1e-8), batch 64, ReduceLROnPlateau
 (MARBLE's factor 0.5, patience 3) and early stopping (patience 10) on validation ROC-AUC, at most
 100 epochs; the weights of the best validation epoch are kept. Features are used as extracted,
-without standardisation, as in MARBLE. Validation and test score a recording by the sigmoid of
+without standardisation, as in MARBLE, unless ``standardize`` z-scores every feature with the
+mean and standard deviation of the training chunks (for models whose features vary little
+between recordings, such as the demo's tiny ones). Validation and test score a recording by the sigmoid of
 the mean of its chunks' logits (MARBLE's per-track scatter-mean of the chunk outputs).
 
 Selection: the learning rate is the one of `LEARNING_RATES` whose seed-0 probe reaches the best
@@ -23,7 +25,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,7 @@ class ProbeConfig:
     early_stopping_patience: int = 10
     learning_rates: tuple[float, ...] = LEARNING_RATES
     seeds: int = 5
+    standardize: bool = False
 
 
 class ProbeMLP(nn.Module):
@@ -120,6 +123,12 @@ class ProbeData:
             rows=rows,
             labels={name: cache.labels[indices] for name, indices in rows.items()},
         )
+
+    def standardized(self) -> ProbeData:
+        """A copy whose features are z-scored with the training chunks' statistics."""
+        train = self.features[self.chunks["train"]].float()
+        mean, std = train.mean(dim=0), train.std(dim=0, unbiased=False).clamp(min=1e-6)
+        return replace(self, features=((self.features.float() - mean) / std).half())
 
     def recording_scores(self, model: ProbeMLP, split: str) -> np.ndarray:
         """Per-recording probabilities [recordings of split, tags]: the sigmoid of the mean of
@@ -219,6 +228,8 @@ def fit_probe(
     predictions.npz: ids, tags, y_true, scores [seeds, recordings, tags], seeds)."""
     config = config or ProbeConfig()
     data = ProbeData.from_cache(cache, layer, torch.device(device))
+    if config.standardize:
+        data = data.standardized()
     task = cache.meta["task"]
     dropped = {
         split: _warn_dropped(cache.tags, data.labels[split], split, task) for split in ("valid", "test")
