@@ -11,7 +11,6 @@ averaged over the codebooks.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from scipy.spatial.distance import cosine, jensenshannon
+
+from culturemert.targets.token_cache import TokenCache, TokenCacheError
 
 BLOCK_FRAMES = 1 << 20  # frames of codes.npy counted per step, bounding memory
 
@@ -32,13 +33,11 @@ class SimilarityError(ValueError):
 def code_histograms(cache_dir: PathLike) -> np.ndarray:
     """Counts int64 [codebooks, codebook_size] of the codes of a complete token cache folder."""
     cache_dir = Path(cache_dir)
-    meta_path = cache_dir / "meta.json"
-    if not meta_path.is_file():
-        raise SimilarityError(
-            f"{cache_dir}: not a complete token cache (no meta.json); run extract_tokens.py"
-        )
-    meta = json.loads(meta_path.read_text())
-    codes = np.load(cache_dir / "codes.npy", mmap_mode="r")
+    try:
+        cache = TokenCache.open(cache_dir)
+    except TokenCacheError as error:
+        raise SimilarityError(str(error)) from None
+    meta, codes = cache.meta, cache.codes
     size = meta["codebook_size"]
     counts = np.zeros((codes.shape[1], size), dtype=np.int64)
     for start in range(0, len(codes), BLOCK_FRAMES):

@@ -144,28 +144,29 @@ class TokenCache:
         self.meta = meta
 
     @classmethod
-    def open(cls, out_dir: PathLike, manifest: Manifest | PathLike) -> TokenCache:
-        """Open the cache in `out_dir` for `manifest`, refusing an incomplete cache or one built
-        from a different manifest."""
+    def open(cls, out_dir: PathLike, manifest: Manifest | PathLike | None = None) -> TokenCache:
+        """Open the cache in `out_dir`, refusing an incomplete or inconsistent cache and, when
+        `manifest` is given (always, for training), one built from a different manifest."""
         out_dir = Path(out_dir)
-        manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
         meta_path = out_dir / "meta.json"
         if not meta_path.is_file():
             raise TokenCacheError(f"{out_dir}: incomplete cache (no meta.json); rerun extract_tokens")
         meta = json.loads(meta_path.read_text())
-        if meta["manifest_sha256"] != manifest.checksum():
-            raise TokenCacheError(
-                f"{meta_path} was built from {meta['manifest']}, whose contents differ from "
-                f"{manifest.path}; rebuild the cache with scripts/extract_tokens.py --manifest "
-                f"{manifest.path} --out <new folder>"
-            )
         codes = np.load(out_dir / "codes.npy", mmap_mode="r")
         offsets = np.load(out_dir / "offsets.npy", mmap_mode="r")
-        if not meta["rows"] == len(manifest) == len(offsets) - 1 or offsets[-1] != len(codes):
+        if meta["rows"] != len(offsets) - 1 or offsets[-1] != len(codes):
             raise TokenCacheError(
-                f"{out_dir}: codes.npy, offsets.npy and meta.json disagree with the {len(manifest)} rows "
-                f"of {manifest.path}; delete the folder and rerun extract_tokens"
+                f"{out_dir}: codes.npy, offsets.npy and meta.json disagree; delete the folder and rerun "
+                "extract_tokens"
             )
+        if manifest is not None:
+            manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+            if meta["manifest_sha256"] != manifest.checksum() or meta["rows"] != len(manifest):
+                raise TokenCacheError(
+                    f"{meta_path} was built from {meta['manifest']}, whose contents differ from "
+                    f"{manifest.path}; rebuild the cache with scripts/extract_tokens.py --manifest "
+                    f"{manifest.path} --out <new folder>"
+                )
         return cls(out_dir, codes, offsets, meta)
 
     def __len__(self) -> int:
