@@ -22,10 +22,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from culturemert.audio import SAMPLE_RATE, load_audio
+from culturemert.audio import FRAME_RATE, SAMPLE_RATE, load_audio
 from culturemert.data.manifest import read_manifest, write_manifest
 from culturemert.music_corpus import render_collection
-from culturemert.targets.encodec_teacher import FRAME_RATE, NUM_CODEBOOKS, EncodecTeacher
+from culturemert.targets.encodec_teacher import NUM_CODEBOOKS, EncodecTeacher
 from culturemert.targets.token_cache import BATCH_SECONDS, build_token_cache
 
 ROW_SECONDS = 30.0

@@ -6,18 +6,28 @@ problem and the fix.
 """
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
 
+from culturemert.errors import UserError
+
+# MERT's time grid (thesis 3.2): 24 kHz audio, one model frame and one EnCodec code per 320
+# samples, 75 frames per second.
 SAMPLE_RATE = 24000
+HOP_LENGTH = 320
+FRAME_RATE = SAMPLE_RATE // HOP_LENGTH
+
+# Audio files the tools look for, by extension (lower case); soundfile decodes each of them.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aif", ".aiff")
 
 PathLike = str | os.PathLike
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """An audio file that cannot be used; the message names the file, the problem and the fix."""
 
 
@@ -52,20 +62,67 @@ def audio_info(path: PathLike) -> tuple[int, int, int]:
         return audio_file.frames, audio_file.samplerate, audio_file.channels
 
 
-def load_audio(path: PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode a whole file to a 1-D mono float32 array at `sample_rate`.
+BLOCK_SECONDS = 30.0  # source audio decoded at a time by `stream_audio`
 
-    Channels are averaged, then the signal is resampled with soxr at its default 'VHQ' quality:
-    resampling happens once per file at data preparation, where its cost is negligible next to the
-    EnCodec and CQT targets, so the resampler is kept out of the list of error sources.
+
+def stream_audio(
+    path: PathLike,
+    sample_rate: int = SAMPLE_RATE,
+    block_seconds: float = BLOCK_SECONDS,
+    max_seconds: float | None = None,
+) -> Iterator[np.ndarray]:
+    """Decode a file as consecutive 1-D mono float32 blocks at `sample_rate`.
+
+    At most `block_seconds` of the source are decoded at a time, then channels are averaged and
+    the block goes through one soxr stream (quality 'VHQ'), so memory is bounded by the block,
+    not the file, and the concatenated blocks equal a resampling of the whole signal within the
+    resampler's tolerance (bit-identical when no resampling is needed). With `max_seconds` the
+    stream stops once that much audio is out (the last block is cut to it). A file that fails to
+    decode part-way, or yields fewer samples than its header states, is an `AudioError`.
     """
     path = Path(path)
+    limit = None if max_seconds is None else round(max_seconds * sample_rate)
+    emitted = 0
     with _open(path) as audio_file:
-        source_rate = audio_file.samplerate
-        mono = _to_mono(audio_file.read(dtype="float32", always_2d=True), path)
-    if source_rate != sample_rate:
-        mono = soxr.resample(mono, source_rate, sample_rate, quality="VHQ")
-    return mono
+        source_rate, expected = audio_file.samplerate, audio_file.frames
+        resampler = (
+            soxr.ResampleStream(source_rate, sample_rate, 1, dtype="float32", quality="VHQ")
+            if source_rate != sample_rate
+            else None
+        )
+        block = max(1, round(block_seconds * source_rate))
+        decoded = 0
+        while decoded < expected and (limit is None or emitted < limit):
+            try:
+                frames = audio_file.read(min(block, expected - decoded), dtype="float32", always_2d=True)
+            except sf.SoundFileError as err:
+                raise AudioError(
+                    f"{path}: decoding failed after {decoded / source_rate:.1f} s ({err}); the file "
+                    "is corrupt: re-export it or drop it"
+                ) from None
+            if len(frames) == 0:
+                raise AudioError(
+                    f"{path}: decoded {decoded} of the {expected} samples its header states; the "
+                    "file is truncated: re-export it or drop it"
+                )
+            decoded += len(frames)
+            mono = _to_mono(frames, path)
+            if resampler is not None:
+                mono = resampler.resample_chunk(mono, last=decoded >= expected)
+            if limit is not None:
+                mono = mono[: limit - emitted]
+            emitted += len(mono)
+            if len(mono):
+                yield mono
+
+
+def load_audio(
+    path: PathLike, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None
+) -> np.ndarray:
+    """A whole file (or its first `max_seconds`) as one 1-D mono float32 array at `sample_rate`:
+    the blocks of `stream_audio` joined, so peak memory is the output plus one block."""
+    blocks = list(stream_audio(path, sample_rate, max_seconds=max_seconds))
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
 
 
 def read_crop(path: PathLike, start: int, num_samples: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from fairseq.data.dictionary import Dictionary
 from fairseq.logging import meters
 from safetensors.torch import load_file, save_file
 
+from culturemert.errors import UserError
 from culturemert.hf_format import (
     HEAD_PREFIXES,
     hf_config_from_mert,
@@ -75,7 +76,7 @@ SAFE_GLOBALS = [
 DERIVED_PREFIXES = ("encoder_cqt_model.spec_layer.",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 

@@ -1,6 +1,7 @@
 """Every workaround CultureMERT needs for fairseq, torch and encodec on current Python.
 
-Each entry states its one-line reason. Imported first by ``culturemert/__init__.py``.
+Each entry states its one-line reason. Nothing happens on import: `apply` makes every change,
+and the package calls it once when it registers its plugin with fairseq (``culturemert/__init__.py``).
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import shutil
 import sys
 import types
 
-# fairseq imports every task at start-up, and its text_to_speech task logs an install hint for
-# tensorboardX (an optional logger CultureMERT does not use) on every run: silence that one logger.
-logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+import torch
 
-import torch  # noqa: E402
 
-from culturemert.checkpoint import SAFE_GLOBALS  # noqa: E402  (imports fairseq)
-
-# fairseq's wav2vec2_classification module runs logging.basicConfig(level=DEBUG) when fairseq is
-# imported, which floods every program's output with third-party debug lines: back to INFO.
-if logging.getLogger().level == logging.DEBUG:
-    logging.getLogger().setLevel(logging.INFO)
+def quiet_fairseq_logging() -> None:
+    """fairseq's text_to_speech task logs an install hint for tensorboardX (an optional logger
+    CultureMERT does not use) on every start, and its wav2vec2_classification module runs
+    ``logging.basicConfig(level=DEBUG)`` on import, flooding ``fairseq-hydra-train``'s output
+    with third-party debug lines: silence the one logger and put the root back to INFO."""
+    logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+    if logging.getLogger().level == logging.DEBUG:
+        logging.getLogger().setLevel(logging.INFO)
 
 
 def allow_fairseq_checkpoint_types() -> None:
@@ -31,6 +31,8 @@ def allow_fairseq_checkpoint_types() -> None:
     old default when it resumes (``checkpoint_utils.load_checkpoint_to_cpu``) and when it
     broadcasts a loaded checkpoint to the other ranks (``broadcast_object``): allow its types."""
     from fairseq.distributed.utils import _TensorPlaceholder
+
+    from culturemert.checkpoint import SAFE_GLOBALS
 
     torch.serialization.add_safe_globals([*SAFE_GLOBALS, _TensorPlaceholder])
 
@@ -74,5 +76,15 @@ def make_checkpoint_copies_atomic() -> None:
     PathManager.copy = staticmethod(copy_atomically)
 
 
-allow_fairseq_checkpoint_types()
-make_checkpoint_copies_atomic()
+_applied = False
+
+
+def apply() -> None:
+    """Make every change above, once per process."""
+    global _applied
+    if _applied:
+        return
+    _applied = True
+    quiet_fairseq_logging()
+    allow_fairseq_checkpoint_types()
+    make_checkpoint_copies_atomic()

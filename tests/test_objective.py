@@ -10,9 +10,9 @@ import soundfile as sf
 import torch
 from conftest import tiny_config
 
-from culturemert.audio import AudioError, load_audio
+from culturemert.audio import HOP_LENGTH, AudioError, load_audio
 from culturemert.criterions.mert_mlm import MertMlmConfig, MertMlmCriterion
-from culturemert.data.crops import FRAME_SAMPLES, CropDataset
+from culturemert.data.crops import CropDataset
 from culturemert.data.manifest import read_manifest, write_manifest
 from culturemert.data.noise_mixture import NoiseMixture
 from culturemert.models.mert import MertModel
@@ -150,7 +150,7 @@ def test_crops_are_frame_aligned_slices_and_short_clips_are_dropped(clips, caplo
             item = dataset[index]
             row = dataset.rows[index]
             full = load_audio(clips.audio_path(row))
-            start = dataset.crop_start_frame(index) * FRAME_SAMPLES
+            start = dataset.crop_start_frame(index) * HOP_LENGTH
             assert len(item["source"]) == min(len(full), 120_000)
             assert torch.equal(item["source"], torch.from_numpy(full[start : start + len(item["source"])]))
     batch = dataset.collater([dataset[i] for i in range(3)])

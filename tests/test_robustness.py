@@ -34,13 +34,13 @@ import torch
 import yaml
 from conftest import tiny_config
 
-from culturemert.audio import SAMPLE_RATE, load_audio
+from culturemert.audio import HOP_LENGTH, SAMPLE_RATE, load_audio
 from culturemert.checkpoint import read_checkpoint, save_fairseq
 from culturemert.data.manifest import read_manifest, write_manifest
 from culturemert.data.splits import EVALUATION_DATASETS
 from culturemert.models.mert import MertConfig, MertModel
 from culturemert.music_corpus import render_collection
-from culturemert.targets.encodec_teacher import HOP_LENGTH, EncodecTeacher
+from culturemert.targets.encodec_teacher import EncodecTeacher
 from culturemert.targets.token_cache import TokenCache, build_token_cache
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,12 +15,10 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
-from culturemert.audio import AudioError, read_crop
+from culturemert.audio import HOP_LENGTH, AudioError, read_crop
 from culturemert.data.manifest import Manifest
 
 logger = logging.getLogger(__name__)
-
-FRAME_SAMPLES = 320  # 24 kHz / 75 Hz: one model frame, one EnCodec code
 
 
 class CropDataset(FairseqDataset):
@@ -90,7 +88,7 @@ class CropDataset(FairseqDataset):
         """First frame of this epoch's crop of clip ``index``."""
         spare = int(self.manifest.num_samples[self.rows[index]]) - self.crop_length(index)
         rng = np.random.default_rng((self.seed, self.epoch, int(index)))
-        return int(rng.integers(0, spare // FRAME_SAMPLES + 1))
+        return int(rng.integers(0, spare // HOP_LENGTH + 1))
 
     def __getitem__(self, index: int) -> dict | None:
         row = int(self.rows[index])
@@ -98,7 +96,7 @@ class CropDataset(FairseqDataset):
         length = self.crop_length(index)
         path = self.manifest.audio_path(row)
         try:
-            wav = read_crop(path, start_frame * FRAME_SAMPLES, length)
+            wav = read_crop(path, start_frame * HOP_LENGTH, length)
         except AudioError:
             if not self.skip_bad_audio:
                 raise
@@ -106,7 +104,7 @@ class CropDataset(FairseqDataset):
             return None
         item = {"id": index, "source": torch.from_numpy(wav)}
         if self.token_cache is not None:
-            frames = -(-length // FRAME_SAMPLES)  # every code the crop overlaps
+            frames = -(-length // HOP_LENGTH)  # every code the crop overlaps
             codes = self.token_cache.codes_for(row, start_frame, frames)
             item["codes"] = torch.from_numpy(codes)
         return item

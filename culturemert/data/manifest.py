@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from culturemert.errors import UserError
 
-class ManifestError(ValueError):
+
+class ManifestError(UserError):
     """A manifest that cannot be used; the message names the file, the line and the fix."""
 
 

@@ -56,6 +56,7 @@ from culturemert.data.splits import (
     read_evaluation_splits,
     read_split,
 )
+from culturemert.errors import UserError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aif", ".aiff")
 STAGES = ("stage1", "stage2")
@@ -63,7 +64,7 @@ REPLAY = "replay"  # the source name of the Western replay folder
 SEGMENT_FORMAT = ("FLAC", "PCM_16")  # soundfile format and subtype of the written segments
 
 
-class PreparationError(ValueError):
+class PreparationError(UserError):
     """Inputs that cannot make a run's data; the message names the problem and the fix."""
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from culturemert.errors import UserError
+
 # The six probing datasets of the evaluation protocol (SPEC §5), as folders of the splits root.
 EVALUATION_DATASETS = ("makam", "hindustani", "carnatic", "lyra", "fma", "magnatagatune")
 SPLIT_NAMES = ("train", "valid", "test")
@@ -34,11 +36,11 @@ CSV_HEADER = ["path", "split"]
 MAX_LISTED = 10  # offending items named in an error message before "and N more"
 
 
-class SplitError(ValueError):
+class SplitError(UserError):
     """A split that cannot be read; the message names the file and the problem."""
 
 
-class LeakError(ValueError):
+class LeakError(UserError):
     """Training audio that belongs to an evaluation split; the message lists every offending file."""
 
 

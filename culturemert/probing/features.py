@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from culturemert.audio import SAMPLE_RATE, load_audio
 from culturemert.checkpoint import load_model
+from culturemert.errors import UserError
 from culturemert.files import part_path, start_or_resume, write_atomically, write_json_atomically
 from culturemert.models.mert import MertModel
 from culturemert.probing.chunking import MIN_LAST_SECONDS, WINDOW_SECONDS, recording_chunks
@@ -54,7 +55,7 @@ HASH_BLOCK = 1 << 24
 PathLike = str | os.PathLike
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(UserError):
     """A feature cache that cannot be built or used; the message names the folder and the fix."""
 
 

@@ -35,6 +35,7 @@ from scipy.special import expit
 from torch import nn
 from tqdm import tqdm
 
+from culturemert.errors import UserError
 from culturemert.probing.features import FeatureCache
 from culturemert.probing.metrics import METRICS, average_by_recording, evaluable_tags, tagging_metrics
 
@@ -45,7 +46,7 @@ ALL_LAYERS = "all"
 PREDICT_BATCH = 4096
 
 
-class ProbeError(ValueError):
+class ProbeError(UserError):
     """Features a probe cannot be fit on; the message names the cache and the problem."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from culturemert.errors import UserError
 from culturemert.probing.probe import ALL_LAYERS
 from culturemert.probing.tasks import BUILTIN_TASKS
 
@@ -44,7 +45,7 @@ PathLike = str | os.PathLike
 Key = tuple[str, str]  # (model, task)
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """Runs that cannot be reported; the message names the files."""
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from culturemert.data.splits import SPLIT_NAMES, SplitError, listed, read_split
+from culturemert.errors import UserError
 
 # In the order of the thesis tables: non-Western, then Western.
 TOP_K = {"makam": 30, "hindustani": 20, "carnatic": 20, "lyra": 30, "fma": 20, "magnatagatune": 50}
@@ -63,7 +64,7 @@ CSV_HEADER = ["path", "split", "tags"]
 PathLike = str | os.PathLike
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task that cannot be built or whose audio cannot be found; the message says which and why."""
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy.spatial.distance import cosine, jensenshannon
 
+from culturemert.errors import UserError
 from culturemert.targets.token_cache import TokenCache, TokenCacheError
 
 BLOCK_FRAMES = 1 << 20  # frames of codes.npy counted per step, bounding memory
@@ -26,7 +27,7 @@ BLOCK_FRAMES = 1 << 20  # frames of codes.npy counted per step, bounding memory
 PathLike = str | os.PathLike
 
 
-class SimilarityError(ValueError):
+class SimilarityError(UserError):
     """Inputs that cannot be compared; the message names the folder or file."""
 
 

@@ -14,13 +14,15 @@ import torch
 from nnAudio.features import CQT
 from torch import nn
 
+from culturemert.audio import HOP_LENGTH, SAMPLE_RATE
+
 
 @dataclass
 class CQTSettings:
     """nnAudio CQT arguments; defaults are MERT's (SPEC §2)."""
 
-    sample_rate: int = 24000
-    hop_length: int = 320
+    sample_rate: int = SAMPLE_RATE
+    hop_length: int = HOP_LENGTH
     fmin: float = 32.7
     n_bins: int = 336
     bins_per_octave: int = 48

@@ -23,18 +23,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from culturemert.audio import FRAME_RATE, HOP_LENGTH
 from culturemert.compat import import_encodec
+from culturemert.errors import UserError
 
 CHECKPOINT_NAME = "encodec_24khz-d7cc33bc.th"
 CHECKPOINT_URL = f"https://dl.fbaipublicfiles.com/encodec/v0/{CHECKPOINT_NAME}"  # encodec's ROOT_URL
 BANDWIDTH = 6.0
 NUM_CODEBOOKS = 8
 CODEBOOK_SIZE = 1024
-HOP_LENGTH = 320
-FRAME_RATE = 75
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError):
     """A teacher that cannot be built; the message names the file or input and the fix."""
 
 

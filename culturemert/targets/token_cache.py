@@ -38,14 +38,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from culturemert.audio import SAMPLE_RATE, AudioError, audio_info, read_crop
+from culturemert.audio import FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, AudioError, audio_info, read_crop
 from culturemert.data.manifest import Manifest, read_manifest
+from culturemert.errors import UserError
 from culturemert.files import part_path, start_or_resume, write_atomically
 from culturemert.targets.encodec_teacher import (
     BANDWIDTH,
     CODEBOOK_SIZE,
-    FRAME_RATE,
-    HOP_LENGTH,
     NUM_CODEBOOKS,
     EncodecTeacher,
 )
@@ -57,7 +56,7 @@ BATCH_SECONDS = 120.0
 PathLike = str | os.PathLike
 
 
-class TokenCacheError(ValueError):
+class TokenCacheError(UserError):
     """A token cache that cannot be built or used; the message names the files and the fix."""
 
 

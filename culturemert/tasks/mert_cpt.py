@@ -43,10 +43,18 @@ class MertCptConfig(FairseqDataclass):
         default=False,
         metadata={"help": "leave unreadable clips out of their batch (logged) instead of failing"},
     )
-    mixup_prob: float = field(default=0.5, metadata={"help": "probability of noise mixture per clip"})
-    mixup_max_segments: int = field(default=3, metadata={"help": "at most this many mixed-in segments"})
-    mixup_min_length: int = field(default=12000, metadata={"help": "shortest mixed-in segment (samples)"})
-    mixup_max_length: int = field(default=24000, metadata={"help": "longest mixed-in segment (samples)"})
+    mixup_prob: float = field(
+        default=NoiseMixture.prob, metadata={"help": "probability of noise mixture per clip"}
+    )
+    mixup_max_segments: int = field(
+        default=NoiseMixture.max_segments, metadata={"help": "at most this many mixed-in segments"}
+    )
+    mixup_min_length: int = field(
+        default=NoiseMixture.min_length, metadata={"help": "shortest mixed-in segment (samples)"}
+    )
+    mixup_max_length: int = field(
+        default=NoiseMixture.max_length, metadata={"help": "longest mixed-in segment (samples)"}
+    )
     trainable: str = field(
         default=".*",
         metadata={
