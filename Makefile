@@ -1,21 +1,18 @@
 .PHONY: demo install test
 
-# The README's two commands. `make test` is what CI runs in a fresh venv after scripts/install.sh;
-# `make demo` creates .venv and installs into it first when no environment with culturemert is active.
-VENV_PYTHON := .venv/bin/python
+# The README's two commands. Both run in the active environment when culturemert is installed
+# there, else in .venv, which scripts/ensure_env.sh creates and installs into on first use.
+# The interpreter's folder goes first on PATH so that the tools the tests and the demo start
+# (python, fairseq-hydra-train, torchrun) are that environment's too.
 
 test:
-	python -m pytest -q -p no:cacheprovider tests
-	ruff check culturemert scripts tests benchmarks
+	@py=$$(bash scripts/ensure_env.sh) && export PATH="$$(dirname $$py):$$PATH" && start=$$(date +%s) && \
+	python -m pytest -q -p no:cacheprovider tests && \
+	python -m ruff check culturemert scripts tests benchmarks && \
+	echo "make test: the suite and the linter took $$(( $$(date +%s) - start )) s"
 
 demo:
-	@if python -c "import culturemert" 2>/dev/null; then \
-		python scripts/demo.py; \
-	else \
-		[ -x $(VENV_PYTHON) ] || python3 -m venv .venv; \
-		$(VENV_PYTHON) -c "import culturemert" 2>/dev/null || PYTHON=$(VENV_PYTHON) bash scripts/install.sh; \
-		PATH="$(CURDIR)/.venv/bin:$$PATH" $(VENV_PYTHON) scripts/demo.py; \
-	fi
+	@py=$$(bash scripts/ensure_env.sh) && export PATH="$$(dirname $$py):$$PATH" && python scripts/demo.py
 
 install:
-	bash scripts/install.sh
+	@bash scripts/ensure_env.sh >/dev/null
