@@ -261,12 +261,34 @@ def _layer_count(specs: Specs, prefix: str) -> int:
     return len({name[len(prefix) :].split(".")[0] for name in specs if name.startswith(prefix)})
 
 
+_SIZE_FIELDS = (
+    "encoder_layers",
+    "encoder_embed_dim",
+    "encoder_ffn_embed_dim",
+    "encoder_attention_heads",
+    "conv_pos",
+    "conv_pos_groups",
+)
+
+
 def check_state(source: str | os.PathLike, cfg: MertConfig, specs: Specs, heads: bool = True) -> None:
     """Refuse stored tensors ``specs`` that do not fit a MERT model of ``cfg``, before anything is
     allocated: the numbers of conv and transformer layers first (a stored config asking for 10^8
     layers is refused at once), then every name and shape against the model built on the meta
     device. ``heads``: the pre-training heads must be stored too (HF weights have none)."""
     specs = {name: spec for name, spec in specs.items() if not name.startswith(DERIVED_PREFIXES)}
+    sizes = {name: getattr(cfg, name) for name in _SIZE_FIELDS}
+    if bad := [
+        f"{k}={v!r}" for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1
+    ]:
+        raise CheckpointError(
+            f"{source}: its configuration has {listing(bad)}; sizes must be positive integers"
+        )
+    if cfg.encoder_embed_dim % cfg.encoder_attention_heads:
+        raise CheckpointError(
+            f"{source}: its configuration splits encoder_embed_dim={cfg.encoder_embed_dim} into "
+            f"encoder_attention_heads={cfg.encoder_attention_heads}, which does not divide it"
+        )
     try:
         counts = [
             ("conv layers", len(cfg.conv_layers), _layer_count(specs, "feature_extractor.conv_layers.")),
