@@ -6,25 +6,23 @@ them with the model the configuration describes, on the meta device, before anyt
 allocated; ``read_fairseq`` / ``read_hf`` / ``load_model`` do both and refuse non-finite weights.
 ``.pt`` files are unpickled with PyTorch's ``weights_only`` loader and an explicit allow-list
 of the types fairseq checkpoints contain, so opening a checkpoint never runs code from it.
-Every malformed file is a `CheckpointError` naming the file and the problem.
+Every malformed file is a `CheckpointError` naming the file and the problem. The writers
+(``save_fairseq``, ``save_hf``) live in ``checkpoint_writing`` and are importable from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import logging
 import os
 import pickle
-import struct
 import typing
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import omegaconf
@@ -33,14 +31,13 @@ from fairseq.data.dictionary import Dictionary
 from fairseq.logging import meters
 from safetensors import SafetensorError, safe_open
 
+from culturemert.checkpoint_writing import save_fairseq, save_hf
 from culturemert.errors import UserError, listing
-from culturemert.files import replace_folder, write_atomically
 from culturemert.hf_format import (
     HEAD_PREFIXES,
-    hf_config_from_mert,
+    SAFETENSORS_DTYPES,
     hf_key_to_fairseq,
     mert_config_from_hf,
-    to_hf_state_dict,
 )
 from culturemert.models.mert import MertConfig, MertModel
 
@@ -93,18 +90,6 @@ class CheckpointError(UserError):
 # Weight files of an HF folder, in order of preference (older uploads have only the second).
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 Specs = dict[str, tuple[torch.Size, torch.dtype]]
 
@@ -403,87 +388,6 @@ def load_model(
             "Face folder with config.json and model.safetensors (see README, 'Weights')."
         )
     return build_and_load(str(path), cfg, state).to(device).eval()
-
-
-def save_fairseq(path: str | os.PathLike, cfg: MertConfig, state: dict[str, torch.Tensor]) -> None:
-    """Write a fairseq-format ``.pt`` that ``load_model`` reads and that fairseq-hydra-train
-    accepts as ``checkpoint.finetune_from_model`` (fresh optimizer and schedule). Atomic."""
-    path = Path(path)
-    checkpoint = {
-        "args": None,
-        "cfg": {"model": {**dataclasses.asdict(cfg), "_name": "mert"}},
-        "model": state,
-        "optimizer_history": [
-            {
-                "criterion_name": "mert_mlm",
-                "optimizer_name": None,
-                "num_updates": 0,
-                "lr_scheduler_state": {"best": None},
-            }
-        ],
-        "extra_state": {},
-        "last_optimizer_state": None,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda handle: _torch_save(checkpoint, handle))
-
-
-def _torch_save(value: object, handle: BinaryIO) -> None:
-    """``torch.save`` into ``handle``, re-raising a failed write's ``OSError`` (a full disk),
-    which torch would report as a bare RuntimeError."""
-    failures = []
-
-    class Recording:
-        def write(self, data: bytes) -> int:
-            try:
-                return handle.write(data)
-            except OSError as error:
-                failures.append(error)
-                raise
-
-        def flush(self) -> None:
-            handle.flush()
-
-    try:
-        torch.save(value, Recording())
-    except RuntimeError:
-        if failures:
-            raise failures[0] from None
-        raise
-
-
-def save_hf(folder: str | os.PathLike, cfg: MertConfig, state: dict[str, torch.Tensor]) -> None:
-    """Write an HF folder (``config.json`` + ``model.safetensors``) of the backbone, built beside
-    ``folder`` and swapped in whole (``files.replace_folder``)."""
-    tensors = to_hf_state_dict(state)
-    config = (json.dumps(hf_config_from_mert(cfg), indent=2) + "\n").encode()
-
-    def build(partial: Path) -> None:
-        write_atomically(partial / "model.safetensors", lambda handle: _write_safetensors(handle, tensors))
-        write_atomically(partial / "config.json", lambda handle: handle.write(config))
-
-    replace_folder(folder, build, owned=["config.json", "model.safetensors"])
-
-
-def _write_safetensors(handle: BinaryIO, tensors: dict[str, torch.Tensor]) -> None:
-    """The safetensors layout (header length as 8 bytes little-endian, a JSON header of dtypes,
-    shapes and byte offsets padded to 8 bytes, then the raw data), written tensor by tensor so
-    that no second copy of the state is made."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for key, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[key] = {
-            "dtype": names[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    handle.write(struct.pack("<Q", len(encoded)) + encoded)
-    for tensor in tensors.values():
-        handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, trust_checkpoint: bool = False) -> str:

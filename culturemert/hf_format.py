@@ -38,6 +38,20 @@ _LEGACY_HF_NAMES = {
     "encoder.pos_conv_embed.conv.weight_v": "encoder.pos_conv_embed.conv.parametrizations.weight.original1",
 }
 
+# The dtypes of safetensors files, by the names their headers use.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
 HEAD_PREFIXES = ("final_proj.", "label_embs_concat", "encoder_cqt_model.")
 
 
