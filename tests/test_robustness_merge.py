@@ -15,10 +15,21 @@ import torch
 from conftest import tiny_config
 
 import culturemert.files
-from culturemert.checkpoint import read_checkpoint, save_fairseq
+from culturemert.checkpoint import read_checkpoint, save_fairseq, save_hf
 from culturemert.cli import run
 from culturemert.cli.merge import main
-from culturemert.merging import MergePlan, analyse, open_source, plan_merge
+from culturemert.merging import (
+    METHODS,
+    GeneralTaskArithmetic,
+    MergePlan,
+    RandomDrop,
+    SignElection,
+    analyse,
+    check_density,
+    open_source,
+    plan_merge,
+    register,
+)
 from culturemert.models.mert import MertModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,3 +221,61 @@ def test_half_precision_saves_have_the_task_vectors_of_their_float32_counterpart
     rounded = json.loads((tmp_path / "out" / "merge.json").read_text())["rounded_base"]
     assert set(rounded) == set(models)
     assert sorted(rounded[models[0]]["float16"]) == sorted(plan.merged)
+
+
+def test_an_out_folder_holding_other_files_is_refused_not_replaced(inputs, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    message = refusal(capsys, merge_args(inputs, out))
+    assert str(out) in message and "notes.txt" in message
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and not leftovers(out)
+
+
+def test_an_hf_input_with_pytorch_model_bin_merges_like_its_pt(inputs, tmp_path):
+    """Older uploads (m-a-p/MERT-v1-95M) hold pytorch_model.bin with weight_g / weight_v names."""
+    from safetensors.torch import load_file
+
+    save_hf(tmp_path / "hf", inputs["cfg"], inputs["models"][1])
+    legacy = {
+        key.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): value
+        for key, value in load_file(tmp_path / "hf" / "model.safetensors").items()
+    }
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(legacy, tmp_path / "hf" / "pytorch_model.bin")
+    folder = inputs["folder"]
+    as_bin = [str(folder / "m0.pt"), str(tmp_path / "hf")]
+    for out, models in (("bin", as_bin), ("pt", [str(folder / "m0.pt"), str(folder / "m1.pt")])):
+        argv = ["--base", str(folder / "base.pt"), "--models", *models, "--out", str(tmp_path / out)]
+        assert run(main, "merge", [*argv, "--backbone-only"]) == 0
+    assert snapshot(tmp_path / "bin" / "hf") == snapshot(tmp_path / "pt" / "hf")
+
+
+def test_a_method_is_one_registered_class(inputs, tmp_path):
+    """DARE's drops with TIES' sign election (mergekit's dare_ties), added as one small class."""
+
+    @register
+    class DareTies(GeneralTaskArithmetic):
+        name = "dare_ties"
+
+        @classmethod
+        def configure(cls, density: float, seed: int) -> DareTies:
+            return cls(RandomDrop(check_density(density), seed), SignElection())
+
+    try:
+        argv = merge_args(
+            inputs, tmp_path / "out", "--method", "dare_ties", "--density", "1", "--lambda", "1"
+        )
+        assert run(main, "merge", argv) == 0
+    finally:
+        del METHODS["dare_ties"]
+    record = json.loads((tmp_path / "out" / "merge.json").read_text())
+    assert record["method"] == "dare_ties" and record["density"] == 1.0
+    key, base, models = "encoder.layers.1.fc1.weight", inputs["base"], inputs["models"]
+    taus = torch.stack([model[key] - base[key] for model in models])
+    agree = (torch.sign(taus) == torch.sign(taus.sum(0))) & (taus != 0)  # density 1 keeps everything
+    expected = base[key] + (taus * agree).sum(0) / agree.sum(0).clamp(min=1)
+    merged = read_checkpoint(tmp_path / "out" / "checkpoint.pt")["model"][key]
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)

@@ -100,8 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check the settings and inputs, report the task vectors, then build OUT beside itself (the
-    similarity files and every lambda's merge) and swap it in."""
+    """Check the settings and inputs; then, in a folder beside OUT, read the task vectors (norms,
+    similarity files) and write every lambda's merge; then swap that folder in as OUT."""
     args = parse_args(argv)
     start = time.perf_counter()
 
@@ -122,15 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     for note in plan.notes:
         say(f"note: {note}")
 
-    trim = method.sparsification.trim_density
-    say("reading the task vectors: values, norms" + (", TIES trim thresholds" if trim else ""))
-    stats = analyse(plan, trim)
-    norms = ", ".join(f"{label} {norm:.4g}" for label, norm in zip(stats.labels, stats.norms.tolist()))
-    say(f"task-vector norms: {norms}")
-    if warning := stats.norm_warning():
-        print(f"merge: warning: {warning}", file=sys.stderr)
-
     def build(partial: Path) -> None:
+        trim = method.sparsification.trim_density
+        say("reading the task vectors: values, norms" + (", TIES trim thresholds" if trim else ""))
+        stats = analyse(plan, trim)
+        norms = ", ".join(f"{label} {norm:.4g}" for label, norm in zip(stats.labels, stats.norms.tolist()))
+        say(f"task-vector norms: {norms}")
+        if warning := stats.norm_warning():
+            print(f"merge: warning: {warning}", file=sys.stderr)
         if args.similarity:
             csv_path, png_path = write_similarity(stats, partial)
             say(f"wrote {args.out / csv_path.name} and {args.out / png_path.name}")
