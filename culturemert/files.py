@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from culturemert.errors import UserError
+from culturemert.errors import UserError, listing
 
 
 class DiskFullError(UserError):
@@ -57,11 +57,13 @@ def replace_folder(folder: str | os.PathLike, build: Callable[[Path], object], o
     partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
     if folder.is_dir() and (foreign := [p.name for p in folder.iterdir() if not _matches(p.name, owned)]):
         raise UserError(
-            f"{folder} holds files this tool did not write ({', '.join(sorted(foreign)[:5])}); "
+            f"{folder} holds files this tool did not write ({listing(sorted(foreign), 5)}); "
             "choose a new or empty folder"
         )
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file; choose a folder")
+    if not folder.exists() and old.is_dir():
+        os.replace(old, folder)  # a run killed between the two renames of the fallback swap
     for leftover in (partial, old):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
