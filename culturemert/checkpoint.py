@@ -115,7 +115,10 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False, mmap: bool = F
                 f"pickle: {_reason(error)}); re-save it with torch.save, or pass --trust-checkpoint "
                 "if you trust where it comes from"
             ) from None
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # a damaged archive: the loader's own reason is named below
+            unsafe = []
         allowed = {f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS}
         names = ", ".join(sorted(set(unsafe) - allowed)) or _reason(error)
         raise CheckpointError(
