@@ -1,4 +1,4 @@
-"""Time and peak memory of merging four MERT-v1-95M-sized models (SPEC §4; issue #5).
+"""Time and peak memory of merging four MERT-v1-95M-sized models (thesis 3.4, 4.4; issue #5).
 
 Writes a randomly initialised MERT-v1-95M (95,550,160 parameters) as the base and four perturbed
 copies as fairseq checkpoints, then runs ``scripts/merge.py --similarity`` (lambda 0.2) once per

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fnmatch
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from culturemert.errors import UserError
+from culturemert.errors import UserError, listing
 
 
 class DiskFullError(UserError):
@@ -39,6 +42,59 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
 
 def write_json_atomically(path: str | os.PathLike, value: dict) -> None:
     write_atomically(path, lambda handle: handle.write(json.dumps(value, indent=1).encode()))
+
+
+def replace_folder(folder: str | os.PathLike, build: Callable[[Path], object], owned: Sequence[str]) -> None:
+    """Build a new ``folder`` beside it, then swap it in: a reader, or a kill at any moment, sees
+    the old folder or the complete new one, never a mix, and nothing of the old one survives.
+
+    ``build(partial)`` fills the new folder. ``owned``: name patterns the folder may hold; an
+    existing folder holding anything else is refused (a `UserError`) rather than replaced. The
+    swap is one atomic exchange where the kernel offers it (Linux ``renameat2``), else two renames.
+    A full disk is a `DiskFullError`; leftovers of a killed run are removed by the next one.
+    """
+    folder = Path(folder)
+    partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
+    if folder.is_dir() and (foreign := [p.name for p in folder.iterdir() if not _matches(p.name, owned)]):
+        raise UserError(
+            f"{folder} holds files this tool did not write ({listing(sorted(foreign), 5)}); "
+            "choose a new or empty folder"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; choose a folder")
+    if not folder.exists() and old.is_dir():
+        os.replace(old, folder)  # a run killed between the two renames of the fallback swap
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        build(partial)
+        if not folder.exists():
+            os.replace(partial, folder)
+        elif _exchange(partial, folder):
+            shutil.rmtree(partial)  # now the old folder
+        else:
+            os.replace(folder, old)
+            os.replace(partial, folder)
+            shutil.rmtree(old)
+    except BaseException as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{folder}: the disk is full ({error.strerror}); free space, rerun") from None
+        raise
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def part_path(partial: Path, index: int) -> Path:

@@ -1,7 +1,8 @@
 """The Hugging Face layout of a MERT backbone: ``transformers.HubertModel`` names and config.
 
-Mapping of SPEC §1. The HF format holds the backbone only: the pre-training heads
-(``final_proj``, ``label_embs_concat``, ``encoder_cqt_model``) have no HubertModel counterpart.
+The names of the released checkpoint (thesis 3.2) mapped to HubertModel's. The HF format holds
+the backbone only: the pre-training heads (``final_proj``, ``label_embs_concat``,
+``encoder_cqt_model``) have no HubertModel counterpart.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ _KEY_TEMPLATES = [
 _LEGACY_HF_NAMES = {
     "encoder.pos_conv_embed.conv.weight_g": "encoder.pos_conv_embed.conv.parametrizations.weight.original0",
     "encoder.pos_conv_embed.conv.weight_v": "encoder.pos_conv_embed.conv.parametrizations.weight.original1",
+}
+
+# The dtypes of safetensors files, by the names their headers use.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 HEAD_PREFIXES = ("final_proj.", "label_embs_concat", "encoder_cqt_model.")
@@ -95,7 +110,7 @@ def hf_config_from_mert(cfg: MertConfig) -> dict:
         "num_conv_pos_embeddings": cfg.conv_pos,
         "num_conv_pos_embedding_groups": cfg.conv_pos_groups,
         "conv_pos_batch_norm": False,
-        "layer_norm_eps": 1e-5,
+        "layer_norm_eps": cfg.layer_norm_eps,
         "hidden_dropout": cfg.dropout,
         "attention_dropout": cfg.attention_dropout,
         "activation_dropout": cfg.activation_dropout,
@@ -105,37 +120,78 @@ def hf_config_from_mert(cfg: MertConfig) -> dict:
     }
 
 
-# HF settings a MERT backbone must have: (key, required value, transformers' default).
+# HF settings the MERT backbone's maths is fixed to: (key, required value, transformers' default).
+# m-a-p's MERT code adds ``deepnorm``, ``attention_relax`` and ``feature_extractor_cqt``.
 _REQUIRED_HF = [
     ("feat_extract_norm", "group", "group"),
     ("feat_extract_activation", "gelu", "gelu"),
     ("hidden_act", "gelu", "gelu"),
     ("feat_proj_layer_norm", True, True),
     ("conv_pos_batch_norm", False, False),
+    ("deepnorm", False, False),
+    ("feature_extractor_cqt", False, False),
 ]
+
+# Sizes read from config.json: (HF key, MertConfig field, transformers' default or None where
+# the key is required); each must be a positive integer.
+_SIZES = [
+    ("hidden_size", "encoder_embed_dim", None),
+    ("num_hidden_layers", "encoder_layers", None),
+    ("num_attention_heads", "encoder_attention_heads", None),
+    ("intermediate_size", "encoder_ffn_embed_dim", None),
+    ("num_conv_pos_embeddings", "conv_pos", 128),
+    ("num_conv_pos_embedding_groups", "conv_pos_groups", 16),
+]
+_CONV_KEYS = ("conv_dim", "conv_kernel", "conv_stride")
+
+
+def _positive_int(source: str, key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{source}: {key}={value!r} is not a positive integer")
+    return value
 
 
 def mert_config_from_hf(config: dict, source: str) -> MertConfig:
-    """MertConfig of an HF folder's ``config.json`` (ours, stock Hubert, or m-a-p's MERT)."""
+    """MertConfig of an HF folder's ``config.json`` (ours, stock Hubert, or m-a-p's MERT).
+
+    Every field the backbone's maths depends on is honoured (sizes, the conv stack and its bias,
+    ``do_stable_layer_norm``, ``layer_norm_eps``) or, where MERT cannot follow it, refused
+    (``_REQUIRED_HF``, ``attention_relax``); a ``ValueError`` names the field.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: config.json is not a JSON object")
+    source = f"{source}: config.json"
     for key, required, default in _REQUIRED_HF:
         if config.get(key, default) != required:
             raise ValueError(
-                f"{source}: config.json has {key}={config.get(key)!r}; a MERT backbone needs "
-                f"{key}={required!r}"
+                f"{source} has {key}={config.get(key)!r}; a MERT backbone needs {key}={required!r}"
             )
-    extras = config.get("culturemert", {})
-    layers = list(zip(config["conv_dim"], config["conv_kernel"], config["conv_stride"]))
-    cfg = MertConfig.from_dict(extras)
+    if config.get("attention_relax", -1.0) not in (-1, -1.0, 0, None):
+        raise ValueError(f"{source} has attention_relax={config['attention_relax']!r}; unsupported")
+    required = [key for key, _, default in _SIZES if default is None] + list(_CONV_KEYS)
+    if missing := [key for key in required if key not in config]:
+        raise ValueError(f"{source} lacks {', '.join(missing)}")
+    conv = [config[key] for key in _CONV_KEYS]
+    count = config.get("num_feat_extract_layers", len(conv[0]))
+    if not all(isinstance(values, list) and len(values) == count for values in conv):
+        raise ValueError(
+            f"{source}: conv_dim, conv_kernel and conv_stride must be lists of "
+            f"num_feat_extract_layers={count!r} values"
+        )
+    layers = [
+        tuple(_positive_int(source, key, v) for key, v in zip(_CONV_KEYS, layer)) for layer in zip(*conv)
+    ]
+    eps = config.get("layer_norm_eps", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"{source}: layer_norm_eps={eps!r} is not a positive number")
+    cfg = MertConfig.from_dict(config.get("culturemert", {}))
     if cfg.conv_layers != layers:
         cfg.conv_feature_layers = repr(layers)
     cfg.conv_bias = bool(config.get("conv_bias", False))
-    cfg.encoder_embed_dim = config["hidden_size"]
-    cfg.encoder_layers = config["num_hidden_layers"]
-    cfg.encoder_attention_heads = config["num_attention_heads"]
-    cfg.encoder_ffn_embed_dim = config["intermediate_size"]
+    for key, name, default in _SIZES:
+        setattr(cfg, name, _positive_int(source, key, config.get(key, default)))
     cfg.layer_norm_first = bool(config.get("do_stable_layer_norm", False))
-    cfg.conv_pos = config.get("num_conv_pos_embeddings", 128)
-    cfg.conv_pos_groups = config.get("num_conv_pos_embedding_groups", 16)
+    cfg.layer_norm_eps = float(eps)
     return cfg
 
 

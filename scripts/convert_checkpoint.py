@@ -1,34 +1,6 @@
-"""Convert a MERT checkpoint between fairseq ``.pt`` and Hugging Face folder formats.
+"""Convert a MERT checkpoint between fairseq .pt and HF folder; see culturemert/cli/convert_checkpoint.py."""
 
-python scripts/convert_checkpoint.py MERT-v1-95M_fairseq.pt hf_out/      # .pt -> HF
-python scripts/convert_checkpoint.py m-a-p/MERT-v1-95M/ mert95m.pt      # HF -> .pt
-"""
-
-from __future__ import annotations
-
-import argparse
-import sys
-
-from culturemert.checkpoint import CheckpointError, convert
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("src", help="fairseq .pt file or HF folder (config.json + model.safetensors)")
-    parser.add_argument("dst", help="HF folder (for a .pt source) or .pt file (for an HF source)")
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="unpickle SRC without the allow-list (only for files from a source you trust)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        print(convert(args.src, args.dst, args.trust_checkpoint))
-    except (CheckpointError, ValueError) as error:
-        print(f"convert_checkpoint: {error}", file=sys.stderr)
-        return 2
-    return 0
-
+from culturemert.cli.convert_checkpoint import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def released_state_dict() -> dict[str, torch.Tensor]:
     """Random tensors under exactly the key names and shapes of MERT-v1-95M_fairseq.pt
-    (SPEC §1), written out independently of the model code."""
+    (thesis 3.2), written out independently of the model code."""
     keys = {"feature_extractor.conv_layers.0.0.weight": (512, 1, 10)}
     keys |= {f"feature_extractor.conv_layers.{i}.0.weight": (512, 512, 3) for i in range(1, 5)}
     keys |= {f"feature_extractor.conv_layers.{i}.0.weight": (512, 512, 2) for i in (5, 6)}

@@ -1,4 +1,4 @@
-"""Model merging (SPEC §4; thesis 3.4, 4.4): task arithmetic, TIES and DARE against hand
+"""Model merging (thesis 3.4, 4.4): task arithmetic, TIES and DARE against hand
 computations, streamed inputs in both formats, refusals, similarity and the CLI."""
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ class MertConfig(FairseqDataclass):
         default=False,
         metadata={"help": "pre-LN transformer; the released MERT-v1-95M is post-LN (false)"},
     )
+    layer_norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of every LayerNorm"})
     conv_pos: int = field(default=128, metadata={"help": "positional conv kernel size"})
     conv_pos_groups: int = field(default=16, metadata={"help": "positional conv groups"})
     dropout: float = field(default=0.1, metadata={"help": "dropout in the transformer"})
@@ -85,6 +86,7 @@ class MertConfig(FairseqDataclass):
         "encoder_ffn_embed_dim",
         "encoder_attention_heads",
         "layer_norm_first",
+        "layer_norm_eps",  # shapes no parameter, but changes every normalised activation
         "conv_pos",
         "conv_pos_groups",
     )
@@ -102,6 +104,9 @@ class MertConfig(FairseqDataclass):
         return self.codebook_size + self.num_special_symbols
 
 
+MAX_CONV_LAYERS = 1000
+
+
 def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
     """Evaluate fairseq's conv-stack notation, e.g. ``"[(512,10,5)] + [(512,3,2)] * 4"``,
     allowing only int tuples, lists, ``+`` and ``*`` (no ``eval`` of config strings)."""
@@ -109,6 +114,10 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
     def evaluate(node: ast.AST):
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             left, right = evaluate(node.left), evaluate(node.right)
+            if isinstance(node.op, ast.Mult) and isinstance(left, int) != isinstance(right, int):
+                sequence, count = (left, right) if isinstance(right, int) else (right, left)
+                if len(sequence) * count > MAX_CONV_LAYERS:  # refused before it is built
+                    raise ValueError(f"conv_feature_layers: more than {MAX_CONV_LAYERS} layers: {spec!r}")
             return left + right if isinstance(node.op, ast.Add) else left * right
         if isinstance(node, (ast.List, ast.Tuple)):
             items = [evaluate(element) for element in node.elts]
@@ -185,10 +194,10 @@ class TransformerLayer(nn.Module):
         dim = cfg.encoder_embed_dim
         self.layer_norm_first = cfg.layer_norm_first
         self.self_attn = SelfAttention(dim, cfg.encoder_attention_heads, cfg.attention_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.fc1 = nn.Linear(dim, cfg.encoder_ffn_embed_dim)
         self.fc2 = nn.Linear(cfg.encoder_ffn_embed_dim, dim)
-        self.final_layer_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.activation_dropout = nn.Dropout(cfg.activation_dropout)
 
@@ -212,7 +221,7 @@ class TransformerEncoder(nn.Module):
         self.layer_norm_first = cfg.layer_norm_first
         self.layerdrop = cfg.encoder_layerdrop
         self.pos_conv = nn.Sequential(WeightNormConv1d(dim, cfg.conv_pos, cfg.conv_pos_groups), nn.GELU())
-        self.layer_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.layer_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.encoder_layers))
 
@@ -272,7 +281,7 @@ class MertModel(BaseFairseqModel):
             conv_layers=conv_layers, dropout=0.0, mode="default", conv_bias=cfg.conv_bias
         )
         conv_dim = conv_layers[-1][0]
-        self.layer_norm = nn.LayerNorm(conv_dim, eps=1e-5)
+        self.layer_norm = nn.LayerNorm(conv_dim, eps=cfg.layer_norm_eps)
         self.post_extract_proj = nn.Linear(conv_dim, dim)
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.mask_emb = nn.Parameter(torch.empty(dim).uniform_())
