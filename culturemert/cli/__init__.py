@@ -1,6 +1,7 @@
-"""The command-line tools. Each ``culturemert/cli/<tool>.py`` has ``main(argv) -> int``;
-``scripts/<tool>.py`` and the ``[project.scripts]`` entry points call it through `run`, which
-sets up logging and turns a `UserError` into one line on stderr and exit status 2."""
+"""The command-line tools. Each ``culturemert/cli/<tool>.py`` has ``main(argv) -> int`` and
+``entry = command(main, "<tool>")``: ``scripts/<tool>.py`` and the ``[project.scripts]`` entry
+points call ``entry``, which sets up logging for the process and runs ``main`` through `run`;
+`run` turns a `UserError` into one line on stderr and exit status 2 (tests call it in-process)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | None = None) -> int:
     """Run a tool's ``main``: a user error is one line (``prog: message``) and status 2."""
-    configure_logging()
     try:
         return main(argv)
     except UserError as error:
@@ -36,6 +36,7 @@ def command(main: Callable[[list[str] | None], int], prog: str) -> Callable[[], 
     """The zero-argument entry point of a tool (``[project.scripts]``, ``scripts/<tool>.py``)."""
 
     def entry() -> None:
+        configure_logging()
         sys.exit(run(main, prog))
 
     return entry
