@@ -50,7 +50,7 @@ def noise(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, audio, SAMPLE_RATE, subtype=subtype)
-    return audio
+    return sf.read(path, dtype="float32")[0]  # as stored: 16-bit PCM clips and rounds
 
 
 def makam_run(
