@@ -103,8 +103,14 @@ def test_a_pickled_split_file_is_refused_without_running_it(tmp_path):
 
     message = refused(makam_run(tmp_path / "culture", tmp_path / "out", split=split))
 
-    assert str(split / "train.npy") in message and "pickle" in message
+    assert str(split / "train.npy") in message and "pickle" in message and "--trust-pickle" in message
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+    np.save(split / "train.npy", np.array(["a"], dtype=object), allow_pickle=True)  # a pickle of plain ids
+    trusted = makam_run(tmp_path / "culture", tmp_path / "out", "--trust-pickle", split=split)
+    assert trusted.returncode == 0, trusted.stderr
+    files = read_manifest(tmp_path / "out" / "makam" / "stage2" / "train.tsv").files
+    assert len(files) == 1 and files[0].startswith("makam/a_")
 
 
 def _makam_metadata(tmp_path: Path) -> dict[str, list[str]]:

@@ -111,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip (and count) recordings whose header cannot be read instead of stopping",
     )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load split .npy files that are pickles (loading a pickle can run code: trusted files only)",
+    )
     return parser
 
 
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         args.audio_out,
         args.skip_missing,
         args.skip_unreadable,
+        args.trust_pickle,
     )
     for name, source in provenance["sources"].items():
         if source["unreadable_skipped"]:

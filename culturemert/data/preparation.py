@@ -85,6 +85,7 @@ def prepare(
     audio_out: Path | None = None,
     skip_missing: bool = False,
     skip_unreadable: bool = False,
+    trust_pickle: bool = False,
 ) -> dict:
     """Write the segments under `audio_out` (default ``<out_dir>/audio``),
     ``<out_dir>/<stage>/{train,valid}.tsv`` (rooted at `audio_out`) and ``<out_dir>/provenance.json``
@@ -93,7 +94,8 @@ def prepare(
     `sources` holds one source per culture of `config` and, when a stage has replay, a `REPLAY`
     source. Splits are read and the leak guard runs before anything is written: a training
     recording that belongs to an evaluation split raises `splits.LeakError`. With
-    `skip_unreadable`, files whose header cannot be read are skipped and listed in the provenance.
+    `skip_unreadable`, files whose header cannot be read are skipped and listed in the provenance;
+    `trust_pickle` lets split files that are pickles load (`splits.load_string_array`).
     """
     audio_out = out_dir / "audio" if audio_out is None else audio_out
     needs_replay = any(config.stage_replay_share(stage) > 0 for stage in STAGES)
@@ -103,7 +105,7 @@ def prepare(
         raise PreparationError(
             f"the run needs audio for {expected}, got {sorted(source.name for source in sources)}{hint}"
         )
-    matched, evaluation = read_sources(sources, splits_root, skip_missing)
+    matched, evaluation = read_sources(sources, splits_root, skip_missing, trust_pickle)
     scanned = {source.source.name: scan(source, skip_unreadable) for source in matched}
     orders = {name: segment_order(found, config, name) for name, (found, _) in scanned.items()}
     plans = plan_stages(config, orders)

@@ -96,18 +96,22 @@ def training_files(
 
 
 def read_sources(
-    sources: list[Source], splits_root: Path, skip_missing: bool
+    sources: list[Source], splits_root: Path, skip_missing: bool, trust_pickle: bool = False
 ) -> tuple[list[SourceFiles], EvaluationSplits]:
     """Read each source's split, match its training ids to audio files and run the leak guard
-    against the evaluation splits under `splits_root` and the sources' own valid/test rows."""
+    against the evaluation splits under `splits_root` and the sources' own valid/test rows
+    (`trust_pickle`: see `splits.load_string_array`)."""
     dataset_folders = {(splits_root / name).resolve() for name in EVALUATION_DATASETS}
-    splits = [None if source.split_path is None else read_split(source.split_path) for source in sources]
+    splits = [
+        None if source.split_path is None else read_split(source.split_path, trust_pickle)
+        for source in sources
+    ]
     own_splits = [
         (f"{source.name} ({source.split_path})", split)
         for source, split in zip(sources, splits)
         if split is not None and source.split_path.resolve() not in dataset_folders
     ]
-    evaluation = read_evaluation_splits(splits_root, own_splits)
+    evaluation = read_evaluation_splits(splits_root, own_splits, trust_pickle)
     matched = [
         SourceFiles(source, split, *training_files(source, split, skip_missing))
         for source, split in zip(sources, splits)

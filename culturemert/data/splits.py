@@ -80,19 +80,22 @@ def recording_key(name: str) -> str:
     return stem if extension in AUDIO_EXTENSIONS else name.strip().lower()
 
 
-def load_string_array(path: Path) -> list[str]:
-    """A 1-D ``.npy`` array of strings (or integers), read without pickle."""
+def load_string_array(path: Path, trust_pickle: bool = False) -> list[str]:
+    """A 1-D ``.npy`` array of strings (or integers), read without pickle; an object array (a
+    pickle, which can run code when loaded) only with `trust_pickle`."""
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as err:
-        raise SplitError(
-            f"{path}: holds pickled objects, and split files are read without pickle (loading one can "
-            "run code); save the ids as a plain string array (numpy.save(path, numpy.array(ids, "
-            "dtype=str))) or use a path,split CSV"
-        ) from err
+        if not trust_pickle:
+            raise SplitError(
+                f"{path}: holds pickled objects, and loading a pickle can run code; save the ids as a "
+                "plain string array (numpy.save(path, numpy.array(ids, dtype=str))) or a path,split CSV, "
+                "or pass --trust-pickle if you trust the file"
+            ) from err
+        array = np.load(path, allow_pickle=True)
     except OSError as err:
         raise SplitError(f"{path}: not a readable .npy array of recording ids ({err})") from err
-    if array.ndim != 1 or array.dtype.kind not in "USiu":
+    if array.ndim != 1 or array.dtype.kind not in "USiuO":
         raise SplitError(f"{path}: expected a 1-D array of recording ids, got {array.dtype} {array.shape}")
     return [str(item) for item in array.tolist()]
 
@@ -103,9 +106,9 @@ def _recording_id(row: str) -> str:
     return Path(row.split("\t")[1]).stem if "\t" in row else row
 
 
-def _read_npy_folder(folder: Path) -> Split:
+def _read_npy_folder(folder: Path, trust_pickle: bool) -> Split:
     files = [folder / f"{name}.npy" for name in SPLIT_NAMES if (folder / f"{name}.npy").is_file()]
-    ids = {path.stem: [_recording_id(row) for row in load_string_array(path)] for path in files}
+    ids = {path.stem: [_recording_id(row) for row in load_string_array(path, trust_pickle)] for path in files}
     return Split(ids, files)
 
 
@@ -155,15 +158,16 @@ def _read_csv(path: Path) -> Split:
     return Split(ids, [path], paths)
 
 
-def read_split(path: str | os.PathLike) -> Split:
-    """Read a split in any of the formats of the module docstring, chosen by what `path` holds."""
+def read_split(path: str | os.PathLike, trust_pickle: bool = False) -> Split:
+    """Read a split in any of the formats of the module docstring, chosen by what `path` holds
+    (`trust_pickle`: see `load_string_array`)."""
     path = Path(path)
     if path.is_file():
         return _read_csv(path)
     if (path / "training.tsv").is_file() and (path / "test.tsv").is_file():
         return _read_lyra_folder(path)
     if (path / "valid.npy").is_file() and (path / "test.npy").is_file():
-        return _read_npy_folder(path)
+        return _read_npy_folder(path, trust_pickle)
     raise SplitError(
         f"{path}: not a split; expected a path,split CSV file or a folder with train/valid/test.npy "
         "(valid/test.npy for magnatagatune) or training.tsv + test.tsv (lyra)"
@@ -194,7 +198,9 @@ class EvaluationSplits:
 
 
 def read_evaluation_splits(
-    splits_root: str | os.PathLike = DEFAULT_SPLITS_ROOT, extra: Iterable[tuple[str, Split]] = ()
+    splits_root: str | os.PathLike = DEFAULT_SPLITS_ROOT,
+    extra: Iterable[tuple[str, Split]] = (),
+    trust_pickle: bool = False,
 ) -> EvaluationSplits:
     """Collect the valid and test ids of the six datasets of `EVALUATION_DATASETS` under
     `splits_root` (all must be present; Lyra's valid ids are its carve) and of the (label, split)
@@ -208,7 +214,8 @@ def read_evaluation_splits(
         )
     labels: dict[str, list[str]] = {}
     files: list[Path] = []
-    for label, split in [*((name, read_split(splits_root / name)) for name in EVALUATION_DATASETS), *extra]:
+    evaluation = [(name, read_split(splits_root / name, trust_pickle)) for name in EVALUATION_DATASETS]
+    for label, split in [*evaluation, *extra]:
         files.extend(split.files)
         for split_name, ids in split.evaluation_ids().items():
             for recording in ids:

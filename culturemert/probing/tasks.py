@@ -234,7 +234,7 @@ def load_metadata_task(
             )
         metadata_path = splits_dir / "metadata.json"
     metadata = read_metadata(metadata_path, trust_pickle)
-    split = read_split(splits_dir)
+    split = read_split(splits_dir, trust_pickle)
     rows, untagged = [], []
     for split_name in SPLIT_NAMES:
         for recording in split.ids.get(split_name, []):
