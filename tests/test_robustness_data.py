@@ -213,23 +213,47 @@ def test_clipped_samples_are_counted_and_written_at_full_scale(tmp_path):
     np.testing.assert_allclose(segment, np.clip(loud[: 30 * SAMPLE_RATE], -1, 1), atol=1 / 32768)
 
 
-def test_an_unreadable_recording_is_one_line_or_a_counted_skip_when_asked(tmp_path):
+def _truncated_flac(path: Path) -> None:
+    noise(path, 3, subtype="PCM_16")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header still promises 35 s
+
+
+@pytest.mark.parametrize(
+    "name, write, problem",
+    [
+        (
+            "broken.wav",
+            lambda path: path.write_bytes(b"RIFF not really a wave file"),
+            "not readable as audio",
+        ),
+        ("cut.flac", _truncated_flac, "corrupt"),  # found only while decoding, after planning
+    ],
+)
+def test_an_unreadable_recording_is_one_line_or_a_counted_skip_when_asked(name, write, problem, tmp_path):
     culture = tmp_path / "culture"
     noise(culture / "a.wav", 0)
     noise(culture / "b.wav", 1)
-    (culture / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    write(culture / name)
 
     message = refused(makam_run(culture, tmp_path / "refused"))
-    assert str(culture / "broken.wav") in message and "not readable as audio" in message
-    assert not (tmp_path / "refused").exists() or not list((tmp_path / "refused").rglob("*.tsv"))
+    assert message.startswith(f"prepare_data: {culture / name}: ") and problem in message
+    assert not list(tmp_path.glob("refused/**/*.tsv")) and not list(
+        tmp_path.glob("refused/**/provenance.json")
+    )
 
     result = makam_run(culture, tmp_path / "out", "--skip-unreadable")
     assert result.returncode == 0, result.stderr
     assert "makam: skipped 1 unreadable recording(s)" in result.stderr
-    source = json.loads((tmp_path / "out" / "makam" / "provenance.json").read_text())["sources"]["makam"]
-    assert source["recordings"] == 2 and [entry.split(" ")[0] for entry in source["unreadable_skipped"]] == [
-        str(culture / "broken.wav")
-    ]
+    out = tmp_path / "out" / "makam"
+    source = json.loads((out / "provenance.json").read_text())["sources"]["makam"]
+    assert source["recordings"] == 2 and len(source["unreadable_skipped"]) == 1
+    assert source["unreadable_skipped"][0].startswith(f"{culture / name}: ")
+    listed = {name for stage in ("stage1", "stage2") for split in ("train", "valid")
+              for name in read_manifest(out / stage / f"{split}.tsv").files}  # fmt: skip
+    assert {entry.split("/")[1].rsplit("_", 1)[0] for entry in listed} == {"a", "b"}
+    for entry in listed:
+        assert sf.info(out / "audio" / entry).frames in (30 * SAMPLE_RATE, 5 * SAMPLE_RATE)
 
 
 def test_segments_decoded_in_blocks_equal_the_whole_file_decoded_at_once(tmp_path):

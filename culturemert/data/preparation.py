@@ -107,17 +107,30 @@ def prepare(
         )
     matched, evaluation = read_sources(sources, splits_root, skip_missing, trust_pickle)
     scanned = {source.source.name: scan(source, skip_unreadable) for source in matched}
-    orders = {name: segment_order(found, config, name) for name, (found, _) in scanned.items()}
-    plans = plan_stages(config, orders)
-
-    chosen = {
-        segment
-        for plan in plans.values()
-        for per_source in (plan.train, plan.valid)
-        for segments in per_source.values()
-        for segment in segments
-    }
-    report = write_segments(chosen, audio_out, config.segment_samples)
+    recordings = {name: found for name, (found, _) in scanned.items()}
+    unreadable = {name: skipped for name, (_, skipped) in scanned.items()}
+    written: set[str] = set()
+    recut: list[str] = []
+    clipped: dict[str, int] = {}
+    while True:  # with skip_unreadable, plan again without each recording that failed to decode
+        orders = {name: segment_order(found, config, name) for name, found in recordings.items()}
+        plans = plan_stages(config, orders)
+        chosen = {
+            segment
+            for plan in plans.values()
+            for per_source in (plan.train, plan.valid)
+            for segments in per_source.values()
+            for segment in segments
+        }
+        report = write_segments(chosen, audio_out, config.segment_samples, skip_unreadable)
+        written.update(report.written)
+        recut += report.recut
+        clipped.update(report.clipped)
+        if not report.failed:
+            break
+        for recording, message in report.failed:
+            recordings[recording.source].remove(recording)
+            unreadable[recording.source].append(message)
     for stage, plan in plans.items():
         for split_name, per_source in (("train", plan.train), ("valid", plan.valid)):
             entries = [
@@ -133,15 +146,18 @@ def prepare(
         "sample_rate": SAMPLE_RATE,
         "segment_format": "/".join(SEGMENT_FORMAT),
         "audio_out": str(audio_out.resolve()),
-        "segments_written": report.written,
-        "segments_kept": report.kept,
-        "recordings_recut": report.recut,
-        "samples_clipped": report.clipped,
+        "segments_written": len(written & {segment.name for segment in chosen}),
+        "segments_kept": len(chosen) - len(written & {segment.name for segment in chosen}),
+        "recordings_recut": recut,
+        "samples_clipped": clipped,
         "leak_check_split_files": [str(path.resolve()) for path in evaluation.files],
         "evaluation_ids": len(evaluation.labels),
         "sources": {
             source.source.name: _source_provenance(
-                source, *scanned[source.source.name], orders[source.source.name]
+                source,
+                recordings[source.source.name],
+                unreadable[source.source.name],
+                orders[source.source.name],
             )
             for source in matched
         },

@@ -135,7 +135,7 @@ def scan(source: SourceFiles, skip_unreadable: bool = False) -> tuple[list[Recor
         except AudioError as error:
             if not skip_unreadable:
                 raise
-            unreadable.append(f"{path} ({error})")
+            unreadable.append(str(error))
             continue
         recordings.append(
             Recording(source.source.name, recording_id, path, resampled_length(num_samples, sample_rate))

@@ -118,18 +118,24 @@ def _read_record(path: Path) -> dict | None:
 
 @dataclass
 class WriteReport:
-    """What `write_segments` did: segments written and kept, recordings re-cut because their
-    content changed, and samples clipped per recording (``<source>/<id>``, only where any were)."""
+    """What `write_segments` did: the names of the segments written, how many were kept, the
+    recordings re-cut because their content changed, samples clipped per recording
+    (``<source>/<id>``, only where any were) and the recordings that failed to decode (skipped)."""
 
-    written: int = 0
+    written: list[str] = field(default_factory=list)
     kept: int = 0
     recut: list[str] = field(default_factory=list)
     clipped: dict[str, int] = field(default_factory=dict)
+    failed: list[tuple[Recording, str]] = field(default_factory=list)
 
 
-def write_segments(segments: Iterable[Segment], audio_out: Path, segment_samples: int) -> WriteReport:
+def write_segments(
+    segments: Iterable[Segment], audio_out: Path, segment_samples: int, skip_unreadable: bool = False
+) -> WriteReport:
     """Write every segment under `audio_out`, decoding each recording once; segments already
-    written from the same content (module docstring) are kept, so an interrupted run resumes."""
+    written from the same content (module docstring) are kept, so an interrupted run resumes. A
+    recording that fails to decode is an `AudioError` naming it, or with `skip_unreadable` is
+    listed in the report's ``failed`` (its segments must then leave the plan)."""
     by_recording: dict[Recording, list[Segment]] = {}
     for segment in segments:
         by_recording.setdefault(segment.recording, []).append(segment)
@@ -151,8 +157,14 @@ def write_segments(segments: Iterable[Segment], audio_out: Path, segment_samples
                 record_path.unlink()
         report.kept += len(chosen) - len(todo)
         if todo:
-            clipped = cut_recording(recording, todo, audio_out)
-            report.written += len(todo)
+            try:
+                clipped = cut_recording(recording, todo, audio_out)
+            except AudioError as error:
+                if not skip_unreadable:
+                    raise
+                report.failed.append((recording, str(error)))
+                continue
+            report.written += [segment.name for segment in todo]
             if clipped:
                 report.clipped[name] = clipped
                 logger.warning(
