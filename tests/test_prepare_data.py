@@ -14,13 +14,13 @@ import soundfile as sf
 import soxr
 
 from culturemert.audio import SAMPLE_RATE, load_audio
-from culturemert.cli import run as run_tool
 from culturemert.cli.prepare_data import main
 from culturemert.data.budgets import Segment, closest_prefix, cut, select_mix
 from culturemert.data.config import REPLAY, STAGES, load_data_config
 from culturemert.data.manifest import read_manifest
 from culturemert.data.sources import Recording
 from culturemert.data.splits import DEFAULT_SPLITS_ROOT, read_split
+from culturemert.errors import UserError
 from culturemert.music_corpus import render_collection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +32,14 @@ HOURS = ["--stage1-hours", repr(150 / 3600), "--stage2-hours", repr(180 / 3600)]
 
 
 def prepare_data(argv: list[str]) -> int:
-    """The command as a user runs it: a user error is one line on stderr and status 2."""
-    return run_tool(main, "prepare_data", argv)
+    """The command as `culturemert.cli.run` runs it (a user error is one line on stderr and status
+    2), without its logging set-up: in-process, that would leave the root logger writing to this
+    test's captured stderr after the test ends."""
+    try:
+        return main(argv)
+    except UserError as error:
+        print(f"prepare_data: {error}", file=sys.stderr)
+        return 2
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
