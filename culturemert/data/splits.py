@@ -133,15 +133,21 @@ def _read_lyra_folder(folder: Path) -> Split:
     return Split(ids, files)
 
 
+def table_rows(path: Path, header: list[str], delimiter: str = ",") -> list[tuple[int, list[str]]]:
+    """The non-empty rows of a CSV (or, with `delimiter`, TSV) file with their line numbers,
+    leaving out a first row equal to `header` (compared case-insensitively)."""
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        rows = [(reader.line_num, row) for row in reader if row]
+    if rows and [cell.strip().lower() for cell in rows[0][1]] == header:
+        rows = rows[1:]
+    return rows
+
+
 def _read_csv(path: Path) -> Split:
     ids: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
     paths: dict[str, str] = {}
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        rows = [(reader.line_num, row) for row in reader if row]
-    if rows and [cell.strip().lower() for cell in rows[0][1]] == CSV_HEADER:
-        rows = rows[1:]
-    for line, row in rows:
+    for line, row in table_rows(path, CSV_HEADER):
         if len(row) != 2 or row[1].strip() not in SPLIT_NAMES:
             raise SplitError(f"{path}:{line}: expected 'path,split' with split in {SPLIT_NAMES}, got {row}")
         relative, split = row[0].strip(), row[1].strip()

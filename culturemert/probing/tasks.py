@@ -59,6 +59,7 @@ from culturemert.data.splits import (
     SplitError,
     load_string_array,
     read_split,
+    table_rows,
 )
 from culturemert.errors import UserError, listing
 
@@ -178,14 +179,8 @@ def _metadata_npy(path: Path, trust_pickle: bool) -> dict:
 
 def _metadata_table(path: Path) -> dict[str, list[str]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(newline="") as handle:
-        lines = [
-            (number, row) for number, row in enumerate(csv.reader(handle, delimiter=delimiter), 1) if row
-        ]
-    if lines and [cell.strip().lower() for cell in lines[0][1]] == ["id", "tags"]:
-        lines = lines[1:]
     metadata: dict[str, list[str]] = {}
-    for number, row in lines:
+    for number, row in table_rows(path, ["id", "tags"], delimiter):
         if len(row) != 2 or row[0].strip() in metadata:
             problem = "a repeated id" if len(row) == 2 else f"expected 'id{delimiter}tags'"
             raise TaskError(f"{path}:{number}: {problem}, got {row}")
@@ -214,9 +209,12 @@ def read_metadata(path: PathLike, trust_pickle: bool = False) -> dict[str, list[
     if not isinstance(metadata, dict) or not all(isinstance(tags, (list, str)) for tags in metadata.values()):
         raise TaskError(f"{path}: expected a mapping of recording id -> list of tags")
     return {
-        str(key): [str(tag).strip() for tag in (tags.split(TAG_SEPARATOR) if isinstance(tags, str) else tags)]
+        str(key): [
+            str(tag).strip()
+            for tag in (tags.split(TAG_SEPARATOR) if isinstance(tags, str) else tags)
+            if str(tag).strip()
+        ]
         for key, tags in metadata.items()
-        if key is not None
     }
 
 
@@ -331,12 +329,8 @@ def load_lyra(splits_dir: PathLike) -> Task:
 def load_csv_task(path: PathLike, top_k: int | None = None) -> Task:
     """A generic task file of ``path,split,tags`` rows (module docstring); named after the file."""
     path = Path(path)
-    with path.open(newline="") as handle:
-        lines = [(number, row) for number, row in enumerate(csv.reader(handle), start=1) if row]
-    if lines and [cell.strip().lower() for cell in lines[0][1]] == CSV_HEADER:
-        lines = lines[1:]
     rows = []
-    for number, row in lines:
+    for number, row in table_rows(path, CSV_HEADER):
         if len(row) != 3 or row[1].strip() not in SPLIT_NAMES:
             raise TaskError(
                 f"{path}:{number}: expected 'path,split,tags' with split in {SPLIT_NAMES}, got {row}"
