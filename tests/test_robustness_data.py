@@ -304,3 +304,47 @@ def test_probing_finds_a_recording_with_any_audio_extension(tmp_path):
         (audio / name).write_bytes(b"")
     found = find_audio(load_csv_task(task_file), audio)
     assert found == [audio / "deep" / "a.WAV", audio / "b.opus", audio / "c.aiff"]
+
+
+def test_a_rerun_killed_while_cutting_leaves_no_complete_looking_output_and_resumes(tmp_path, monkeypatch):
+    from culturemert.cli.prepare_data import main
+    from culturemert.data import writing
+
+    culture, out = tmp_path / "culture", tmp_path / "out"
+    for seed, name in enumerate("abc"):
+        noise(culture / f"{name}.wav", seed)
+    assert makam_run(culture, out).returncode == 0
+    before = {path: path.read_bytes() for path in (out / "makam").rglob("*.tsv")}
+    noise(culture / "a.wav", 10)  # changed: its segments are cut again
+    noise(culture / "c.wav", 12)
+    args = [
+        "--run",
+        "makam",
+        "--culture",
+        f"makam={culture}",
+        "--split",
+        f"makam={culture.with_name('split.csv')}",
+    ]
+    args += ["--replay-share", "0", "--stage1-hours", "1", "--stage2-hours", "1", "--out", str(out)]
+    cut_recording = writing.cut_recording
+
+    def killed_on_the_second(recording, segments, audio_out):
+        if recording.id == "c":
+            raise KeyboardInterrupt
+        return cut_recording(recording, segments, audio_out)
+
+    monkeypatch.setattr(writing, "cut_recording", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not (out / "makam" / "provenance.json").exists() and not list((out / "makam").rglob("*.tsv"))
+
+    monkeypatch.setattr(writing, "cut_recording", cut_recording)
+    assert main(args) == 0
+    provenance = json.loads((out / "makam" / "provenance.json").read_text())
+    # a was re-cut before the kill; c's record went before its cut began, so both its segments
+    # are cut again (from the new content), and nothing else.
+    assert provenance["segments_written"] == 2 and provenance["recordings_recut"] == []
+    assert {path: path.read_bytes() for path in (out / "makam").rglob("*.tsv")} == before
+    for name, seed in (("a", 10), ("c", 12)):
+        segment, _ = sf.read(out / "makam" / "audio" / "makam" / f"{name}_0000.flac", dtype="float32")
+        np.testing.assert_array_equal(segment, noise(tmp_path / "again.wav", seed)[: 30 * SAMPLE_RATE])

@@ -10,8 +10,10 @@ subset of which 20 % is Western replay. The concerns live in their own modules:
 - `culturemert.data.writing`: decoding, cutting and writing segments, resuming by content.
 
 `prepare` runs them in that order and writes the manifests and ``provenance.json``; nothing is
-written before the leak guard has passed. Provenance marks a source ``short`` in a stage where it
-got more than half a segment less than its target.
+written before the leak guard has passed and the stages are planned. A rerun first removes the
+manifests and provenance it will rewrite, so one stopped while writing segments leaves nothing
+that looks complete (``provenance.json`` is written last). Provenance marks a source ``short``
+in a stage where it got more than half a segment less than its target.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from culturemert.data.sources import Recording, Source, SourceFiles, read_source
 from culturemert.data.splits import DEFAULT_SPLITS_ROOT
 from culturemert.data.writing import SEGMENT_FORMAT, write_segments
 from culturemert.files import write_json_atomically
+
+SPLITS = ("train", "valid")  # the manifests of each stage
 
 
 def _hours(num_samples: int) -> float:
@@ -77,6 +81,17 @@ def _stage_provenance(config: DataConfig, stage: str, plan: StagePlan) -> dict:
     }
 
 
+def _chosen(plans: dict[str, StagePlan]) -> set[Segment]:
+    """Every segment some stage trains or validates on."""
+    return {
+        segment
+        for plan in plans.values()
+        for per_source in (plan.train, plan.valid)
+        for segments in per_source.values()
+        for segment in segments
+    }
+
+
 def prepare(
     config: DataConfig,
     sources: list[Source],
@@ -109,20 +124,18 @@ def prepare(
     scanned = {source.source.name: scan(source, skip_unreadable) for source in matched}
     recordings = {name: found for name, (found, _) in scanned.items()}
     unreadable = {name: skipped for name, (_, skipped) in scanned.items()}
+    orders = {name: segment_order(found, config, name) for name, found in recordings.items()}
+    plans = plan_stages(config, orders)
+    # A run stopped while writing segments must leave no output that looks complete.
+    (out_dir / "provenance.json").unlink(missing_ok=True)
+    for stage in STAGES:
+        for split in SPLITS:
+            (out_dir / stage / f"{split}.tsv").unlink(missing_ok=True)
     written: set[str] = set()
     recut: list[str] = []
     clipped: dict[str, int] = {}
     while True:  # with skip_unreadable, plan again without each recording that failed to decode
-        orders = {name: segment_order(found, config, name) for name, found in recordings.items()}
-        plans = plan_stages(config, orders)
-        chosen = {
-            segment
-            for plan in plans.values()
-            for per_source in (plan.train, plan.valid)
-            for segments in per_source.values()
-            for segment in segments
-        }
-        report = write_segments(chosen, audio_out, config.segment_samples, skip_unreadable)
+        report = write_segments(_chosen(plans), audio_out, config.segment_samples, skip_unreadable)
         written.update(report.written)
         recut += report.recut
         clipped.update(report.clipped)
@@ -131,8 +144,11 @@ def prepare(
         for recording, message in report.failed:
             recordings[recording.source].remove(recording)
             unreadable[recording.source].append(message)
+        orders = {name: segment_order(found, config, name) for name, found in recordings.items()}
+        plans = plan_stages(config, orders)
+    chosen = _chosen(plans)
     for stage, plan in plans.items():
-        for split_name, per_source in (("train", plan.train), ("valid", plan.valid)):
+        for split_name, per_source in zip(SPLITS, (plan.train, plan.valid)):
             entries = [
                 (segment.name, segment.num_samples)
                 for segments in per_source.values()
@@ -140,14 +156,15 @@ def prepare(
             ]
             write_manifest(out_dir / stage / f"{split_name}.tsv", audio_out, sorted(entries))
 
+    fresh = written & {segment.name for segment in chosen}  # some may be of recordings dropped since
     provenance = {
         "config": {**asdict(config), "replay_stages": list(config.replay_stages)},
         "seed": config.seed,
         "sample_rate": SAMPLE_RATE,
         "segment_format": "/".join(SEGMENT_FORMAT),
         "audio_out": str(audio_out.resolve()),
-        "segments_written": len(written & {segment.name for segment in chosen}),
-        "segments_kept": len(chosen) - len(written & {segment.name for segment in chosen}),
+        "segments_written": len(fresh),
+        "segments_kept": len(chosen) - len(fresh),
         "recordings_recut": recut,
         "samples_clipped": clipped,
         "leak_check_split_files": [str(path.resolve()) for path in evaluation.files],

@@ -118,12 +118,11 @@ def _read_record(path: Path) -> dict | None:
 
 @dataclass
 class WriteReport:
-    """What `write_segments` did: the names of the segments written, how many were kept, the
+    """What `write_segments` did: the names of the segments written (the others were kept), the
     recordings re-cut because their content changed, samples clipped per recording
     (``<source>/<id>``, only where any were) and the recordings that failed to decode (skipped)."""
 
     written: list[str] = field(default_factory=list)
-    kept: int = 0
     recut: list[str] = field(default_factory=list)
     clipped: dict[str, int] = field(default_factory=dict)
     failed: list[tuple[Recording, str]] = field(default_factory=list)
@@ -155,7 +154,6 @@ def write_segments(
             if previous is not None:
                 report.recut.append(name)
                 record_path.unlink()
-        report.kept += len(chosen) - len(todo)
         if todo:
             try:
                 clipped = cut_recording(recording, todo, audio_out)
