@@ -244,17 +244,22 @@ def load_metadata_task(
     return _build(name, rows, TOP_K[name], MAX_SECONDS.get(name))
 
 
-def _mtat_rows(path: Path) -> list[tuple[int, str]]:
+def _mtat_rows(path: Path, trust_pickle: bool) -> list[tuple[int, str]]:
     """(row of binary.npy, relative clip path) of a minzwon split file of ``index<TAB>path`` rows."""
     try:
-        return [(int(index), clip) for index, clip in (row.split("\t") for row in load_string_array(path))]
+        return [
+            (int(index), clip)
+            for index, clip in (row.split("\t") for row in load_string_array(path, trust_pickle))
+        ]
     except ValueError as error:
         raise TaskError(
             f"{path}: expected a .npy array of 'index<TAB>dir/clip.mp3' rows ({error})"
         ) from error
 
 
-def load_magnatagatune(splits_dir: PathLike, metadata_dir: PathLike | None) -> Task:
+def load_magnatagatune(
+    splits_dir: PathLike, metadata_dir: PathLike | None, trust_pickle: bool = False
+) -> Task:
     """MagnaTagATune on the minzwon split: valid/test lists and the 50 tags from `splits_dir`, the
     training list train.npy and the label matrix binary.npy from `metadata_dir`."""
     splits_dir = Path(splits_dir)
@@ -278,7 +283,7 @@ def load_magnatagatune(splits_dir: PathLike, metadata_dir: PathLike | None) -> T
         raise TaskError(f"{binary_path}: expected [clips, {len(tags)}] labels, got shape {binary.shape}")
     rows = []
     for split_name, folder in (("train", metadata_dir), ("valid", splits_dir), ("test", splits_dir)):
-        for index, clip in _mtat_rows(folder / f"{split_name}.npy"):
+        for index, clip in _mtat_rows(folder / f"{split_name}.npy", trust_pickle):
             if not 0 <= index < len(binary):
                 raise TaskError(f"{folder / split_name}.npy: row index {index} outside {binary_path}")
             positives = [tags[j] for j in np.flatnonzero(binary[index])]
@@ -352,12 +357,12 @@ def load_task(
 ) -> Task:
     """A built-in task by name (`BUILTIN_TASKS`, split folder ``<splits_root>/<name>``, the
     shipped splits by default) or a CSV task file by path (`top_k` applies to CSV tasks only;
-    built-in ones use `TOP_K`). `trust_pickle` lets `read_metadata` load a pickled ``.npy``."""
+    built-in ones use `TOP_K`). `trust_pickle` lets pickled ``.npy`` metadata and split files load."""
     if task in BUILTIN_TASKS:
         splits_dir = Path(splits_root) / task
         try:
             if task == "magnatagatune":
-                return load_magnatagatune(splits_dir, metadata)
+                return load_magnatagatune(splits_dir, metadata, trust_pickle)
             if task == "lyra":
                 return load_lyra(splits_dir)
             return load_metadata_task(task, splits_dir, metadata, trust_pickle)
