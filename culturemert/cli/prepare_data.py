@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip-unreadable",
         action="store_true",
-        help="skip (and count) recordings whose header cannot be read instead of stopping",
+        help="skip (and count) recordings that cannot be read or decoded, instead of stopping",
     )
     parser.add_argument(
         "--trust-pickle",

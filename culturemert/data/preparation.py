@@ -109,7 +109,8 @@ def prepare(
     `sources` holds one source per culture of `config` and, when a stage has replay, a `REPLAY`
     source. Splits are read and the leak guard runs before anything is written: a training
     recording that belongs to an evaluation split raises `splits.LeakError`. With
-    `skip_unreadable`, files whose header cannot be read are skipped and listed in the provenance;
+    `skip_unreadable`, recordings that cannot be read or decoded are left out (the stages are
+    planned again without them) and listed in the provenance;
     `trust_pickle` lets split files that are pickles load (`splits.load_string_array`).
     """
     audio_out = out_dir / "audio" if audio_out is None else audio_out
