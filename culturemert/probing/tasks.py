@@ -12,10 +12,8 @@ datasets of the evaluation are read from the published splits shipped with the p
 | fma | train/valid/test.npy, metadata.json (id -> genres) | 20 hierarchical genres |
 | magnatagatune | tags.npy, valid.npy, test.npy + train.npy, binary.npy | the 50 of tags.npy |
 
-Dunya's metadata is not redistributable and comes from the user (`read_metadata`): a JSON object
-of recording id -> list of tag names (the layout of fma/metadata.json), or a CSV/TSV table of
-``id,tags`` rows (header optional, tags separated by ``|``). A pickled ``metadata.npy`` (the
-layout the ISMIR 2023 code used) can run code when loaded and is refused unless the user trusts
+Dunya's metadata is not redistributable and comes from the user as JSON, CSV or TSV (layouts:
+`culturemert.probing.tag_metadata`); a pickled ``metadata.npy`` is refused unless the user trusts
 it (``trust_pickle``). MagnaTagATune's train.npy and binary.npy are the public
 minzwon/sota-music-tagging-models files, too large to ship with the splits: the user passes the
 folder holding them. Every other file is read without pickle.
@@ -62,6 +60,7 @@ from culturemert.data.splits import (
     table_rows,
 )
 from culturemert.errors import UserError, listing
+from culturemert.probing.tag_metadata import TAG_SEPARATOR, MetadataError, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,6 @@ LYRA_COLUMNS = {"instruments": "instrument", "genres": "genre", "place": "place"
 LYRA_ABSENT = "None"  # how Lyra's table marks an empty field
 LYRA_VALID_FRACTION = 0.1
 LYRA_VALID_SEED = 0
-TAG_SEPARATOR = "|"
 CSV_HEADER = ["path", "split", "tags"]
 
 PathLike = str | os.PathLike
@@ -165,59 +163,6 @@ def _build(
     return Task(name, ids, splits, list(vocabulary), labels, [row[3] for row in rows], max_seconds)
 
 
-def _metadata_npy(path: Path, trust_pickle: bool) -> dict:
-    if not trust_pickle:
-        raise TaskError(
-            f"{path}: a .npy metadata dict is a pickle, and loading one can run code; convert it to "
-            "JSON (id -> list of tags) or an id,tags CSV/TSV, or pass --trust-pickle if you trust the file"
-        )
-    try:
-        return np.load(path, allow_pickle=True).item()
-    except (OSError, ValueError) as error:
-        raise TaskError(f"{path}: not a pickled dict of id -> tags ({error})") from error
-
-
-def _metadata_table(path: Path) -> dict[str, list[str]]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    metadata: dict[str, list[str]] = {}
-    for number, row in table_rows(path, ["id", "tags"], delimiter):
-        if len(row) != 2 or row[0].strip() in metadata:
-            problem = "a repeated id" if len(row) == 2 else f"expected 'id{delimiter}tags'"
-            raise TaskError(f"{path}:{number}: {problem}, got {row}")
-        metadata[row[0].strip()] = row[1].split(TAG_SEPARATOR)
-    return metadata
-
-
-def read_metadata(path: PathLike, trust_pickle: bool = False) -> dict[str, list[str]]:
-    """Tag metadata, recording id -> tag names, from a JSON object, a CSV/TSV table of ``id,tags``
-    rows (tags ``|``-separated) or, only with `trust_pickle`, a pickled ``.npy`` dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"{path}: no such tag metadata file; pass --metadata with a JSON, CSV or TSV file")
-    extension = path.suffix.lower()
-    if extension == ".npy":
-        metadata = _metadata_npy(path, trust_pickle)
-    elif extension in (".csv", ".tsv"):
-        metadata = _metadata_table(path)
-    elif extension == ".json":
-        try:
-            metadata = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise TaskError(f"{path}: not valid JSON ({error})") from error
-    else:
-        raise TaskError(f"{path}: tag metadata must be a .json, .csv or .tsv file")
-    if not isinstance(metadata, dict) or not all(isinstance(tags, (list, str)) for tags in metadata.values()):
-        raise TaskError(f"{path}: expected a mapping of recording id -> list of tags")
-    return {
-        str(key): [
-            str(tag).strip()
-            for tag in (tags.split(TAG_SEPARATOR) if isinstance(tags, str) else tags)
-            if str(tag).strip()
-        ]
-        for key, tags in metadata.items()
-    }
-
-
 def load_metadata_task(
     name: str, splits_dir: PathLike, metadata_path: PathLike | None = None, trust_pickle: bool = False
 ) -> Task:
@@ -231,7 +176,10 @@ def load_metadata_task(
                 "JSON file of recording id -> tags (the layout of fma/metadata.json) or an id,tags CSV/TSV"
             )
         metadata_path = splits_dir / "metadata.json"
-    metadata = read_metadata(metadata_path, trust_pickle)
+    try:
+        metadata = read_metadata(metadata_path, trust_pickle)
+    except MetadataError as error:
+        raise TaskError(f"{name}: {error}") from error
     split = read_split(splits_dir, trust_pickle)
     rows, untagged = [], []
     for split_name in SPLIT_NAMES:
