@@ -31,6 +31,18 @@ class AudioError(UserError):
     """An audio file that cannot be used; the message names the file, the problem and the fix."""
 
 
+def find_audio_files(folder: PathLike) -> dict[str, list[Path]]:
+    """Audio files below `folder` (any depth, `AUDIO_EXTENSIONS` in any case, hidden files left
+    out) by recording id, the file name without its extension; each id's paths sorted."""
+    found: dict[str, list[Path]] = {}
+    for parent, _, names in sorted(os.walk(folder)):
+        for name in sorted(names):
+            stem, extension = os.path.splitext(name)
+            if extension.lower() in AUDIO_EXTENSIONS and not name.startswith("."):
+                found.setdefault(stem, []).append(Path(parent) / name)
+    return found
+
+
 def _open(path: Path) -> sf.SoundFile:
     """Open `path` for reading, turning a missing, unreadable or empty file into an AudioError."""
     if not path.is_file():

@@ -26,7 +26,8 @@ import torch
 
 from culturemert.audio import AudioError
 from culturemert.checkpoint import CheckpointError
-from culturemert.data.splits import SplitError, listed
+from culturemert.data.splits import DEFAULT_SPLITS_ROOT, SplitError
+from culturemert.errors import listing as listed
 from culturemert.probing.features import (
     BATCH_SIZE,
     PART_RECORDINGS,
@@ -46,7 +47,6 @@ from culturemert.probing.report import ReportError, write_report
 from culturemert.probing.tasks import TaskError, find_audio, load_task, present_rows
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SPLITS_ROOT = REPO.parent / "shared" / "data" / "ccml_splits"
 INPUT_ERRORS = (
     AudioError,
     CheckpointError,

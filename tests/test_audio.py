@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from culturemert.audio import SAMPLE_RATE, AudioError, audio_info, load_audio, read_crop
+from culturemert.audio import SAMPLE_RATE, AudioError, audio_info, load_audio, read_crop, stream_audio
 
 
 def _sine(frequency: float, seconds: float, rate: int) -> np.ndarray:
@@ -106,3 +106,29 @@ def test_non_finite_samples(tmp_path, bad_value):
     with pytest.raises(AudioError, match=r"broken\.wav: contains NaN or infinite"):
         read_crop(path, 4000, 2000)
     assert np.isfinite(read_crop(path, 0, 4000)).all()
+
+
+def test_streamed_blocks_equal_resampling_the_whole_file(tmp_path):
+    rate = 44100
+    stereo = np.stack([_sine(440.0, 7.3, rate), _sine(97.0, 7.3, rate)], axis=1)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo, rate, subtype="FLOAT")
+    whole = soxr.resample(stereo.mean(axis=1), rate, SAMPLE_RATE, quality="VHQ")
+
+    blocks = list(stream_audio(path, block_seconds=0.37))  # 20 blocks, none aligned to the output
+
+    assert len(blocks) > 10 and all(block.dtype == np.float32 for block in blocks)
+    np.testing.assert_allclose(np.concatenate(blocks), whole, atol=1e-5)
+    cut = np.concatenate(list(stream_audio(path, block_seconds=0.37, max_seconds=2.5)))
+    assert len(cut) == round(2.5 * SAMPLE_RATE)
+    np.testing.assert_allclose(cut, whole[: len(cut)], atol=1e-5)
+
+
+def test_a_file_corrupted_mid_way_names_the_file(tmp_path):
+    path = tmp_path / "cut.flac"
+    sf.write(path, _sine(440.0, 20.0, SAMPLE_RATE), SAMPLE_RATE, subtype="PCM_16")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header still promises 20 s
+
+    with pytest.raises(AudioError, match=r"cut\.flac: .*(truncated|corrupt)"):
+        load_audio(path)

@@ -1,4 +1,4 @@
-"""Data preparation (scripts/prepare_data.py): 30 s segments of training-split audio at 24 kHz mono,
+"""Data preparation (culturemert/cli/prepare_data.py): 30 s segments of training-split audio at 24 kHz mono,
 stage budgets with a 20 % replay share, determinism, resuming, and the evaluation-split leak guard."""
 
 from __future__ import annotations
@@ -12,33 +12,34 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from conftest import script_main
 
 from culturemert.audio import SAMPLE_RATE, load_audio
+from culturemert.cli.prepare_data import main
+from culturemert.data.budgets import Segment, closest_prefix, cut, select_mix
+from culturemert.data.config import REPLAY, STAGES, load_data_config
 from culturemert.data.manifest import read_manifest
-from culturemert.data.preparation import (
-    REPLAY,
-    STAGES,
-    Recording,
-    Segment,
-    closest_prefix,
-    cut,
-    load_data_config,
-    select_mix,
-)
-from culturemert.data.splits import read_split
+from culturemert.data.sources import Recording
+from culturemert.data.splits import DEFAULT_SPLITS_ROOT, read_split
+from culturemert.errors import UserError
 from culturemert.music_corpus import render_collection
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = REPO.parent / "shared" / "data" / "ccml_splits"
+SPLITS = DEFAULT_SPLITS_ROOT  # shipped with the package
 SEGMENT = 30 * SAMPLE_RATE
 # Stage budgets in whole 30 s segments, so a 20 % replay share is reachable exactly:
 # stage 1 = 150 s (120 s of culture + 30 s of replay), stage 2 = 180 s of culture.
 HOURS = ["--stage1-hours", repr(150 / 3600), "--stage2-hours", repr(180 / 3600)]
 
-needs_splits = pytest.mark.skipif(
-    not SPLITS.is_dir(), reason=f"the evaluation splits are not beside the repository ({SPLITS})"
-)
+
+def prepare_data(argv: list[str]) -> int:
+    """The command as `culturemert.cli.run` runs it (a user error is one line on stderr and status
+    2), without its logging set-up: in-process, that would leave the root logger writing to this
+    test's captured stderr after the test ends."""
+    try:
+        return main(argv)
+    except UserError as error:
+        print(f"prepare_data: {error}", file=sys.stderr)
+        return 2
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -109,7 +110,6 @@ def _manifests(out: Path) -> dict[tuple[str, str], list[tuple[str, int]]]:
     return manifests
 
 
-@needs_splits
 def test_cli_on_a_csv_split_cuts_training_audio_into_24k_segments_with_20_percent_replay(generic, tmp_path):
     result = _cli(*_generic_args(generic, tmp_path))
 
@@ -155,7 +155,6 @@ def test_cli_on_a_csv_split_cuts_training_audio_into_24k_segments_with_20_percen
     assert "stage1: train 0.042 h in 5 segments (replay 20.0 %)" in result.stdout
 
 
-@needs_splits
 def test_cli_on_the_makam_split_layout_uses_only_its_training_ids(music, tmp_path):
     ids = {split: read_split(SPLITS / "makam").ids[split] for split in ("train", "valid", "test")}
     culture = tmp_path / "makam_audio"
@@ -185,13 +184,12 @@ def test_cli_on_the_makam_split_layout_uses_only_its_training_ids(music, tmp_pat
     assert provenance["sources"]["makam"]["split_files"][0].endswith("makam/train.npy")
 
 
-@needs_splits
 def test_missing_training_ids_are_listed(music, tmp_path, capsys):
     culture = tmp_path / "makam_audio"
     _write(culture / f"{read_split(SPLITS / 'makam').train[0]}.wav", music, 60)
 
     args = ["--run", "makam", "--culture", f"makam={culture}", "--replay", str(culture)]
-    status = script_main("prepare_data")([*args, "--out", str(tmp_path / "out")])  # the default --splits-root
+    status = prepare_data([*args, "--out", str(tmp_path / "out")])  # the default --splits-root
 
     message = capsys.readouterr().err
     assert status == 2 and not (tmp_path / "out").exists()
@@ -199,14 +197,12 @@ def test_missing_training_ids_are_listed(music, tmp_path, capsys):
     assert "--skip-missing" in message and message.count("\n") == 1
 
 
-@needs_splits
 def test_same_seed_same_manifests_resumed_from_written_segments_other_seed_other_data(generic, tmp_path):
-    main = script_main("prepare_data")
     audio = tmp_path / "audio"
-    assert main(_generic_args(generic, tmp_path / "a", "--audio-out", str(audio))) == 0
+    assert prepare_data(_generic_args(generic, tmp_path / "a", "--audio-out", str(audio))) == 0
     written = {path: path.stat().st_mtime_ns for path in audio.rglob("*.flac")}
-    assert main(_generic_args(generic, tmp_path / "b", "--audio-out", str(audio))) == 0
-    assert main(_generic_args(generic, tmp_path / "c", "--audio-out", str(audio), "--seed", "1")) == 0
+    assert prepare_data(_generic_args(generic, tmp_path / "b", "--audio-out", str(audio))) == 0
+    assert prepare_data(_generic_args(generic, tmp_path / "c", "--audio-out", str(audio), "--seed", "1")) == 0
 
     first, again, other = (tmp_path / run / "makam" for run in ("a", "b", "c"))
     for stage in STAGES:
@@ -220,7 +216,6 @@ def test_same_seed_same_manifests_resumed_from_written_segments_other_seed_other
     assert _manifests(first)["stage1", "train"] != _manifests(other)["stage1", "train"]
 
 
-@needs_splits
 def test_leak_check_refuses_a_planted_test_item_and_writes_nothing(generic, music, tmp_path, capsys):
     test_id = read_split(SPLITS / "makam").ids["test"][0]
     culture = tmp_path / "culture"
@@ -237,7 +232,7 @@ def test_leak_check_refuses_a_planted_test_item_and_writes_nothing(generic, musi
         str(tmp_path / "out"),
     ]
 
-    status = script_main("prepare_data")(args)
+    status = prepare_data(args)
 
     message = capsys.readouterr().err
     assert status == 2
@@ -297,13 +292,14 @@ def test_run_configs_hold_the_thesis_budgets():
     assert stage1["makam"] == pytest.approx(80 * 200 / 650) and stage1["lyra"] == pytest.approx(80 * 50 / 650)
 
 
-@needs_splits
 def test_split_readers_take_ids_from_every_format():
     lyra = read_split(SPLITS / "lyra")
     mtat = read_split(SPLITS / "magnatagatune")
     fma = read_split(SPLITS / "fma")
 
-    assert set(lyra.ids) == {"train", "test"} and "ach-ellada" in lyra.train
+    # Lyra's validation split is the fixed carve shipped with the splits (lyra/valid.txt).
+    assert set(lyra.ids) == {"train", "valid", "test"} and "ach-ellada" in lyra.train
+    assert (len(lyra.train), len(lyra.ids["valid"])) == (1116, 124)
     assert set(mtat.ids) == {"valid", "test"}
     assert mtat.ids["valid"][0] == "lvx_nova-lvx_nova-01-contimune-30-59"
     assert len(fma.ids["test"]) == 4996 and all(len(track) == 6 for track in fma.ids["test"])

@@ -22,6 +22,7 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from culturemert.audio import SAMPLE_RATE
 from culturemert.checkpoint import save_fairseq
+from culturemert.data.splits import DEFAULT_SPLITS_ROOT
 from culturemert.models.mert import MertConfig, MertModel
 from culturemert.music_corpus import render_collection
 from culturemert.probing import features as features_module
@@ -40,7 +41,7 @@ from culturemert.probing.tasks import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = REPO.parent / "shared" / "data" / "ccml_splits"
+SPLITS = DEFAULT_SPLITS_ROOT  # the published splits, shipped with the package
 COLLECTIONS = ("bach", "fiddle", "essen")
 PIECES = 20  # per collection
 SECONDS = 5.0
@@ -163,12 +164,12 @@ def test_compmusic_and_magnatagatune_take_user_metadata(tmp_path):
     rng = np.random.default_rng(0)
     metadata = {recording: [f"makam-{rng.integers(40)}", f"usul-{rng.integers(10)}"] for recording in ids}
     np.save(tmp_path / "metadata.npy", metadata, allow_pickle=True)
-    makam = load_task("makam", SPLITS, tmp_path / "metadata.npy")
+    makam = load_task("makam", SPLITS, tmp_path / "metadata.npy", trust_pickle=True)
     assert len(makam.tags) == 30 and makam.max_seconds == 150.0 and len(makam) == len(ids)
     del metadata[ids[-1]]
     np.save(tmp_path / "partial.npy", metadata, allow_pickle=True)
     with pytest.raises(TaskError, match=ids[-1]):
-        load_task("makam", SPLITS, tmp_path / "partial.npy")
+        load_task("makam", SPLITS, tmp_path / "partial.npy", trust_pickle=True)
 
     with pytest.raises(TaskError, match="binary.npy"):
         load_task("magnatagatune", SPLITS)

@@ -1,20 +1,25 @@
 """Dataset splits: which recordings pre-training may use, and which belong to an evaluation split.
 
 Continual pre-training cuts its segments from the training split of each culture only (thesis
-3.1, SPEC §3), and must never see a recording of the valid or test split of any of the six probing
-datasets (SPEC §5), whose splits lie in ``../shared/data/ccml_splits``. Recordings are named by id.
+3.1), and must never see a recording of the valid or test split of any of the six probing
+datasets (thesis 3.5.2), whose published splits ship with the package (`DEFAULT_SPLITS_ROOT`,
+see its README). Recordings are named by id. Every file is read without pickle.
 
 Split formats read by `read_split`:
 
 - a folder with ``train.npy``, ``valid.npy``, ``test.npy`` (makam, hindustani, carnatic, fma):
-  1-D arrays of recording ids (MusicBrainz UUIDs, FMA track ids);
-- a folder with ``training.tsv`` and ``test.tsv`` (lyra): the ``id`` column. Lyra's validation set
-  is carved out of ``training.tsv`` by the evaluation, so its only fixed evaluation split is test;
+  1-D string arrays of recording ids (MusicBrainz UUIDs, FMA track ids);
+- a folder with ``training.tsv`` and ``test.tsv`` (lyra): the ``id`` column. Lyra has no published
+  validation split: the ids of ``valid.txt`` (one a line; the shipped carve `LYRA_CARVE` when the
+  folder has none) are its validation split, and the rest of training.tsv its training split;
 - a folder with ``valid.npy`` and ``test.npy`` only (magnatagatune): rows ``<index>\\t<dir>/<clip>.mp3``,
   whose id is the clip's file name without extension (its training list is not distributed);
 - a CSV file of ``path,split`` rows (a ``path,split`` header is optional), split one of train, valid,
   test, path relative to the culture's audio folder (or absolute); the id of a row is its file name
   without extension.
+
+The leak guard compares ids by `recording_key`: case-insensitively and without an audio file
+extension, so a training file ``ABC.FLAC`` matches the evaluation id ``abc``.
 """
 
 from __future__ import annotations
@@ -27,13 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
-from culturemert.errors import UserError
+from culturemert.audio import AUDIO_EXTENSIONS
+from culturemert.errors import UserError, listing
 
-# The six probing datasets of the evaluation protocol (SPEC §5), as folders of the splits root.
+# The published splits of the six probing datasets (thesis 3.5.2), shipped with the package.
+DEFAULT_SPLITS_ROOT = Path(__file__).resolve().parent / "ccml_splits"
+# The six probing datasets of the evaluation protocol, as folders of a splits root.
 EVALUATION_DATASETS = ("makam", "hindustani", "carnatic", "lyra", "fma", "magnatagatune")
 SPLIT_NAMES = ("train", "valid", "test")
 CSV_HEADER = ["path", "split"]
-MAX_LISTED = 10  # offending items named in an error message before "and N more"
+LYRA_VALID = "valid.txt"  # Lyra's fixed validation carve of training.tsv, one id a line
+LYRA_CARVE = DEFAULT_SPLITS_ROOT / "lyra" / LYRA_VALID
 
 
 class SplitError(UserError):
@@ -65,19 +74,29 @@ class Split:
         return {name: ids for name, ids in self.ids.items() if name != "train"}
 
 
-def listed(items: list[str]) -> str:
-    """Join the first `MAX_LISTED` of `items` for an error message, counting the rest."""
-    shown = ", ".join(items[:MAX_LISTED])
-    return shown if len(items) <= MAX_LISTED else f"{shown} and {len(items) - MAX_LISTED} more"
+def recording_key(name: str) -> str:
+    """How the leak guard compares recording ids: lower case, without an audio file extension."""
+    stem, extension = os.path.splitext(name.strip().lower())
+    return stem if extension in AUDIO_EXTENSIONS else name.strip().lower()
 
 
-def _load_ids(path: Path) -> list[str]:
+def load_string_array(path: Path, trust_pickle: bool = False) -> list[str]:
+    """A 1-D ``.npy`` array of strings (or integers), read without pickle; an object array (a
+    pickle, which can run code when loaded) only with `trust_pickle`."""
     try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if not trust_pickle:
+            raise SplitError(
+                f"{path}: holds pickled objects, and loading a pickle can run code; save the ids as a "
+                "plain string array (numpy.save(path, numpy.array(ids, dtype=str))) or a path,split CSV, "
+                "or pass --trust-pickle if you trust the file"
+            ) from err
         array = np.load(path, allow_pickle=True)
-    except (OSError, ValueError) as err:
+    except OSError as err:
         raise SplitError(f"{path}: not a readable .npy array of recording ids ({err})") from err
-    if array.ndim != 1:
-        raise SplitError(f"{path}: expected a 1-D array of recording ids, got shape {array.shape}")
+    if array.ndim != 1 or array.dtype.kind not in "USiuO":
+        raise SplitError(f"{path}: expected a 1-D array of recording ids, got {array.dtype} {array.shape}")
     return [str(item) for item in array.tolist()]
 
 
@@ -87,9 +106,10 @@ def _recording_id(row: str) -> str:
     return Path(row.split("\t")[1]).stem if "\t" in row else row
 
 
-def _read_npy_folder(folder: Path) -> Split:
+def _read_npy_folder(folder: Path, trust_pickle: bool) -> Split:
     files = [folder / f"{name}.npy" for name in SPLIT_NAMES if (folder / f"{name}.npy").is_file()]
-    return Split({path.stem: [_recording_id(row) for row in _load_ids(path)] for path in files}, files)
+    ids = {path.stem: [_recording_id(row) for row in load_string_array(path, trust_pickle)] for path in files}
+    return Split(ids, files)
 
 
 def _read_tsv_ids(path: Path) -> list[str]:
@@ -101,19 +121,33 @@ def _read_tsv_ids(path: Path) -> list[str]:
 
 
 def _read_lyra_folder(folder: Path) -> Split:
-    files = [folder / "training.tsv", folder / "test.tsv"]
-    return Split({"train": _read_tsv_ids(files[0]), "test": _read_tsv_ids(files[1])}, files)
+    carve = folder / LYRA_VALID if (folder / LYRA_VALID).is_file() else LYRA_CARVE
+    files = [folder / "training.tsv", carve, folder / "test.tsv"]
+    held_out = {line.strip() for line in carve.read_text().splitlines() if line.strip()}
+    training = _read_tsv_ids(files[0])
+    ids = {
+        "train": [recording for recording in training if recording not in held_out],
+        "valid": [recording for recording in training if recording in held_out],
+        "test": _read_tsv_ids(files[2]),
+    }
+    return Split(ids, files)
+
+
+def table_rows(path: Path, header: list[str], delimiter: str = ",") -> list[tuple[int, list[str]]]:
+    """The non-empty rows of a CSV (or, with `delimiter`, TSV) file with their line numbers,
+    leaving out a first row equal to `header` (compared case-insensitively)."""
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        rows = [(reader.line_num, row) for row in reader if row]
+    if rows and [cell.strip().lower() for cell in rows[0][1]] == header:
+        rows = rows[1:]
+    return rows
 
 
 def _read_csv(path: Path) -> Split:
     ids: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
     paths: dict[str, str] = {}
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        rows = [(reader.line_num, row) for row in reader if row]
-    if rows and [cell.strip().lower() for cell in rows[0][1]] == CSV_HEADER:
-        rows = rows[1:]
-    for line, row in rows:
+    for line, row in table_rows(path, CSV_HEADER):
         if len(row) != 2 or row[1].strip() not in SPLIT_NAMES:
             raise SplitError(f"{path}:{line}: expected 'path,split' with split in {SPLIT_NAMES}, got {row}")
         relative, split = row[0].strip(), row[1].strip()
@@ -130,15 +164,16 @@ def _read_csv(path: Path) -> Split:
     return Split(ids, [path], paths)
 
 
-def read_split(path: str | os.PathLike) -> Split:
-    """Read a split in any of the formats of the module docstring, chosen by what `path` holds."""
+def read_split(path: str | os.PathLike, trust_pickle: bool = False) -> Split:
+    """Read a split in any of the formats of the module docstring, chosen by what `path` holds
+    (`trust_pickle`: see `load_string_array`)."""
     path = Path(path)
     if path.is_file():
         return _read_csv(path)
     if (path / "training.tsv").is_file() and (path / "test.tsv").is_file():
         return _read_lyra_folder(path)
     if (path / "valid.npy").is_file() and (path / "test.npy").is_file():
-        return _read_npy_folder(path)
+        return _read_npy_folder(path, trust_pickle)
     raise SplitError(
         f"{path}: not a split; expected a path,split CSV file or a folder with train/valid/test.npy "
         "(valid/test.npy for magnatagatune) or training.tsv + test.tsv (lyra)"
@@ -147,32 +182,35 @@ def read_split(path: str | os.PathLike) -> Split:
 
 @dataclass(frozen=True)
 class EvaluationSplits:
-    """Every recording id of a valid or test split, mapped to the splits that list it (e.g.
-    ``makam test``), and the split files read."""
+    """Every recording of a valid or test split by `recording_key`, mapped to the splits that list
+    it (e.g. ``makam test``), and the split files read."""
 
     labels: dict[str, list[str]]
     files: list[Path]
 
     def check_no_leak(self, items: Iterable[tuple[str, Path]]) -> None:
-        """Raise `LeakError` naming every (recording id, audio file) of `items` that is listed."""
-        leaks = [
-            f"{path} (id {recording}, in {' and '.join(self.labels[recording])})"
-            for recording, path in items
-            if recording in self.labels
-        ]
+        """Raise `LeakError` naming every (recording id, audio file) of `items` whose id or file
+        name is listed (compared by `recording_key`)."""
+        leaks = []
+        for recording, path in items:
+            keys = [key for key in (recording_key(recording), recording_key(path.name)) if key in self.labels]
+            if keys:
+                leaks.append(f"{path} (id {recording}, in {' and '.join(self.labels[keys[0]])})")
         if leaks:
             raise LeakError(
                 f"refusing to write manifests: {len(leaks)} training file(s) belong to an evaluation "
-                f"split: {listed(leaks)}; remove them from the training split"
+                f"split: {listing(leaks)}; remove them from the training split"
             )
 
 
 def read_evaluation_splits(
-    splits_root: str | os.PathLike, extra: Iterable[tuple[str, Split]] = ()
+    splits_root: str | os.PathLike = DEFAULT_SPLITS_ROOT,
+    extra: Iterable[tuple[str, Split]] = (),
+    trust_pickle: bool = False,
 ) -> EvaluationSplits:
     """Collect the valid and test ids of the six datasets of `EVALUATION_DATASETS` under
-    `splits_root` (all must be present) and of the (label, split) pairs of `extra`, such as a
-    culture's own CSV split."""
+    `splits_root` (all must be present; Lyra's valid ids are its carve) and of the (label, split)
+    pairs of `extra`, such as a culture's own CSV split."""
     splits_root = Path(splits_root)
     absent = [name for name in EVALUATION_DATASETS if not (splits_root / name).is_dir()]
     if absent:
@@ -182,9 +220,10 @@ def read_evaluation_splits(
         )
     labels: dict[str, list[str]] = {}
     files: list[Path] = []
-    for label, split in [*((name, read_split(splits_root / name)) for name in EVALUATION_DATASETS), *extra]:
+    evaluation = [(name, read_split(splits_root / name, trust_pickle)) for name in EVALUATION_DATASETS]
+    for label, split in [*evaluation, *extra]:
         files.extend(split.files)
         for split_name, ids in split.evaluation_ids().items():
             for recording in ids:
-                labels.setdefault(recording, []).append(f"{label} {split_name}")
+                labels.setdefault(recording_key(recording), []).append(f"{label} {split_name}")
     return EvaluationSplits(labels, files)

@@ -1,20 +1,22 @@
-"""Probing tasks: tagged recordings on a train/valid/test split (SPEC §5; thesis 3.5.2).
+"""Probing tasks: tagged recordings on a train/valid/test split (thesis 3.5.2).
 
 A `Task` lists each recording's id, split and multi-hot labels over a tag vocabulary. The six
-datasets of the evaluation are read from the published splits (``../shared/data/ccml_splits``):
+datasets of the evaluation are read from the published splits shipped with the package
+(`culturemert.data.splits.DEFAULT_SPLITS_ROOT`):
 
 | task | split files | tags (top k, `TOP_K`) |
 | --- | --- | --- |
-| makam | train/valid/test.npy + the user's Dunya metadata.npy | 30: makam, usul, instruments |
+| makam | train/valid/test.npy + the user's Dunya metadata | 30: makam, usul, instruments |
 | hindustani, carnatic | the same | 20 each: raga, tala, instruments, forms |
-| lyra | training.tsv, test.tsv | 30: ``instrument:Voice``, ``genre:Laiko``, ``place:Epirus`` |
-| fma | train/valid/test.npy, metadata.npy (id -> genres) | 20 hierarchical genres |
+| lyra | training.tsv, valid.txt (carve), test.tsv | 30: ``instrument:Voice``, ``genre:Laiko``, ... |
+| fma | train/valid/test.npy, metadata.json (id -> genres) | 20 hierarchical genres |
 | magnatagatune | tags.npy, valid.npy, test.npy + train.npy, binary.npy | the 50 of tags.npy |
 
-Dunya's metadata.npy is not redistributable and comes from the user, in the layout of fma's
-(a pickled dict: recording id -> list of tag names). MagnaTagATune's train.npy and binary.npy are
-the public minzwon/sota-music-tagging-models files, too large to ship with the splits: the user
-passes the folder holding them.
+Dunya's metadata is not redistributable and comes from the user as JSON, CSV or TSV (layouts:
+`culturemert.probing.tag_metadata`); a pickled ``metadata.npy`` is refused unless the user trusts
+it (``trust_pickle``). MagnaTagATune's train.npy and binary.npy are the public
+minzwon/sota-music-tagging-models files, too large to ship with the splits: the user passes the
+folder holding them. Every other file is read without pickle.
 
 Any other tagged collection is a CSV task file of ``path,split,tags`` rows (header optional):
 path relative to the audio root (or absolute), split one of train/valid/test, tags separated by
@@ -25,11 +27,13 @@ Decisions:
 
 - Top-k tags are counted over the training split only (ties broken by name), so the test split
   chooses nothing. A recording none of whose tags made the vocabulary keeps an all-zero row.
-- Lyra's validation set is `LYRA_VALID_FRACTION` of training.tsv: the first ids of a permutation
-  of the sorted ids drawn with seed `LYRA_VALID_SEED`, the same on every machine and run.
+  Tags that occur only in the valid or test split are left out and logged by name.
+- Lyra's validation set is the fixed list ``lyra/valid.txt`` shipped with the splits (how it was
+  made: `lyra_valid_carve`); data preparation's leak guard refuses the same ids.
 - Audio of a recording is ``<audio root>/<path>`` where its split names a path (magnatagatune,
   CSV tasks) and that file exists; otherwise the single audio file anywhere under the audio root
-  whose name without extension is the id (``fma_medium/000/000002.mp3`` for fma id ``000002``).
+  whose name without extension is the id (``fma_medium/000/000002.mp3`` for fma id ``000002``),
+  with any extension of `culturemert.audio.AUDIO_EXTENSIONS`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -45,20 +50,29 @@ from pathlib import Path
 
 import numpy as np
 
-from culturemert.data.splits import SPLIT_NAMES, SplitError, listed, read_split
-from culturemert.errors import UserError
+from culturemert.audio import AUDIO_EXTENSIONS, find_audio_files
+from culturemert.data.splits import (
+    DEFAULT_SPLITS_ROOT,
+    SPLIT_NAMES,
+    SplitError,
+    load_string_array,
+    read_split,
+    table_rows,
+)
+from culturemert.errors import UserError, listing
+from culturemert.probing.tag_metadata import TAG_SEPARATOR, MetadataError, read_metadata
+
+logger = logging.getLogger(__name__)
 
 # In the order of the thesis tables: non-Western, then Western.
 TOP_K = {"makam": 30, "hindustani": 20, "carnatic": 20, "lyra": 30, "fma": 20, "magnatagatune": 50}
-MAX_SECONDS = {"makam": 150.0, "hindustani": 780.0, "carnatic": 330.0}  # per-dataset cut (SPEC §5)
+MAX_SECONDS = {"makam": 150.0, "hindustani": 780.0, "carnatic": 330.0}  # per-dataset cut (thesis 3.5.2)
 BUILTIN_TASKS = tuple(TOP_K)
 COMPMUSIC_TASKS = ("makam", "hindustani", "carnatic")
 LYRA_COLUMNS = {"instruments": "instrument", "genres": "genre", "place": "place"}
 LYRA_ABSENT = "None"  # how Lyra's table marks an empty field
 LYRA_VALID_FRACTION = 0.1
 LYRA_VALID_SEED = 0
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
-TAG_SEPARATOR = "|"
 CSV_HEADER = ["path", "split", "tags"]
 
 PathLike = str | os.PathLike
@@ -129,11 +143,18 @@ def _build(
     ids = [row[0] for row in rows]
     repeated = sorted(recording for recording, count in Counter(ids).items() if count > 1)
     if repeated:
-        raise TaskError(f"{name}: recording ids listed more than once: {listed(repeated)}")
+        raise TaskError(f"{name}: recording ids listed more than once: {listing(repeated)}")
     if vocabulary is None:
         vocabulary = top_tags((tags for _, split, tags, _ in rows if split == "train"), k)
     if not vocabulary:
         raise TaskError(f"{name}: no tag has a positive in the training split")
+    trained = {tag for _, split, tags, _ in rows if split == "train" for tag in tags}
+    untrained = sorted({tag for _, split, tags, _ in rows if split != "train" for tag in tags} - trained)
+    if untrained:
+        logger.warning(
+            "%s: %d tag(s) occur only outside the training split and are left out: %s",
+            name, len(untrained), listing(untrained),
+        )  # fmt: skip
     column = {tag: index for index, tag in enumerate(vocabulary)}
     labels = np.zeros((len(rows), len(vocabulary)), dtype=np.uint8)
     for row, (_, _, tags, _) in enumerate(rows):
@@ -142,32 +163,24 @@ def _build(
     return Task(name, ids, splits, list(vocabulary), labels, [row[3] for row in rows], max_seconds)
 
 
-def _load_metadata(path: Path, name: str) -> dict[str, list[str]]:
-    """A ``metadata.npy`` pickled dict: recording id -> list of tag names."""
-    if not path.is_file():
-        raise TaskError(f"{name}: no tag metadata at {path}; pass --metadata with the metadata.npy file")
-    try:
-        metadata = np.load(path, allow_pickle=True).item()
-    except (OSError, ValueError) as error:
-        raise TaskError(f"{path}: not a pickled dict of id -> tags ({error})") from error
-    if not isinstance(metadata, dict):
-        raise TaskError(f"{path}: expected a dict of recording id -> list of tags, got {type(metadata)}")
-    return {str(key): [str(tag) for tag in tags] for key, tags in metadata.items()}
-
-
-def load_metadata_task(name: str, splits_dir: PathLike, metadata_path: PathLike | None = None) -> Task:
-    """fma, makam, hindustani or carnatic: train/valid/test.npy ids tagged by a metadata.npy dict
-    (fma's ships in `splits_dir`; CompMusic's comes from the user), top-k of `TOP_K`."""
+def load_metadata_task(
+    name: str, splits_dir: PathLike, metadata_path: PathLike | None = None, trust_pickle: bool = False
+) -> Task:
+    """fma, makam, hindustani or carnatic: train/valid/test.npy ids tagged by `read_metadata`
+    (fma's metadata.json ships in `splits_dir`; CompMusic's comes from the user), top-k of `TOP_K`."""
     splits_dir = Path(splits_dir)
     if metadata_path is None:
         if name in COMPMUSIC_TASKS:
             raise TaskError(
                 f"{name}: the Dunya tag metadata is not redistributable; pass --metadata with a "
-                "metadata.npy dict of recording id -> tags (the layout of fma/metadata.npy)"
+                "JSON file of recording id -> tags (the layout of fma/metadata.json) or an id,tags CSV/TSV"
             )
-        metadata_path = splits_dir / "metadata.npy"
-    metadata = _load_metadata(Path(metadata_path), name)
-    split = read_split(splits_dir)
+        metadata_path = splits_dir / "metadata.json"
+    try:
+        metadata = read_metadata(metadata_path, trust_pickle)
+    except MetadataError as error:
+        raise TaskError(f"{name}: {error}") from error
+    split = read_split(splits_dir, trust_pickle)
     rows, untagged = [], []
     for split_name in SPLIT_NAMES:
         for recording in split.ids.get(split_name, []):
@@ -175,23 +188,26 @@ def load_metadata_task(name: str, splits_dir: PathLike, metadata_path: PathLike 
                 untagged.append(recording)
             rows.append((recording, split_name, metadata.get(recording, []), None))
     if untagged:
-        raise TaskError(f"{name}: {metadata_path} has no tags for {len(untagged)} ids: {listed(untagged)}")
+        raise TaskError(f"{name}: {metadata_path} has no tags for {len(untagged)} ids: {listing(untagged)}")
     return _build(name, rows, TOP_K[name], MAX_SECONDS.get(name))
 
 
-def _mtat_rows(path: Path) -> list[tuple[int, str]]:
+def _mtat_rows(path: Path, trust_pickle: bool) -> list[tuple[int, str]]:
     """(row of binary.npy, relative clip path) of a minzwon split file of ``index<TAB>path`` rows."""
     try:
-        items = np.load(path, allow_pickle=True).tolist()
-        rows = [(int(index), clip) for index, clip in (str(item).split("\t") for item in items)]
-    except (OSError, ValueError) as error:
+        return [
+            (int(index), clip)
+            for index, clip in (row.split("\t") for row in load_string_array(path, trust_pickle))
+        ]
+    except ValueError as error:
         raise TaskError(
             f"{path}: expected a .npy array of 'index<TAB>dir/clip.mp3' rows ({error})"
         ) from error
-    return rows
 
 
-def load_magnatagatune(splits_dir: PathLike, metadata_dir: PathLike | None) -> Task:
+def load_magnatagatune(
+    splits_dir: PathLike, metadata_dir: PathLike | None, trust_pickle: bool = False
+) -> Task:
     """MagnaTagATune on the minzwon split: valid/test lists and the 50 tags from `splits_dir`, the
     training list train.npy and the label matrix binary.npy from `metadata_dir`."""
     splits_dir = Path(splits_dir)
@@ -201,16 +217,21 @@ def load_magnatagatune(splits_dir: PathLike, metadata_dir: PathLike | None) -> T
             "minzwon/sota-music-tagging-models split (they are too large to ship with the splits)"
         )
     metadata_dir = Path(metadata_dir)
-    tags = [str(tag) for tag in np.load(splits_dir / "tags.npy", allow_pickle=True).tolist()]
+    tags = load_string_array(splits_dir / "tags.npy")
     binary_path = metadata_dir / "binary.npy"
     if not binary_path.is_file() or not (metadata_dir / "train.npy").is_file():
         raise TaskError(f"magnatagatune: {metadata_dir} must hold train.npy and binary.npy")
-    binary = np.load(binary_path)
+    try:
+        binary = np.load(binary_path, allow_pickle=False)
+    except ValueError as error:
+        raise TaskError(
+            f"{binary_path}: expected a numeric label matrix, read without pickle ({error})"
+        ) from error
     if binary.ndim != 2 or binary.shape[1] != len(tags):
         raise TaskError(f"{binary_path}: expected [clips, {len(tags)}] labels, got shape {binary.shape}")
     rows = []
     for split_name, folder in (("train", metadata_dir), ("valid", splits_dir), ("test", splits_dir)):
-        for index, clip in _mtat_rows(folder / f"{split_name}.npy"):
+        for index, clip in _mtat_rows(folder / f"{split_name}.npy", trust_pickle):
             if not 0 <= index < len(binary):
                 raise TaskError(f"{folder / split_name}.npy: row index {index} outside {binary_path}")
             positives = [tags[j] for j in np.flatnonzero(binary[index])]
@@ -236,19 +257,21 @@ def _read_lyra_table(path: Path) -> list[dict[str, str]]:
         return list(reader)
 
 
-def lyra_valid_ids(train_ids: Sequence[str]) -> set[str]:
-    """The ids of training.tsv held out for validation (see the module docstring)."""
+def lyra_valid_carve(train_ids: Sequence[str]) -> set[str]:
+    """How the shipped ``lyra/valid.txt`` was made (once; probing reads the file): the first
+    `LYRA_VALID_FRACTION` of a permutation of the sorted training ids drawn with `LYRA_VALID_SEED`."""
     ordered = sorted(train_ids)
     permutation = np.random.default_rng(LYRA_VALID_SEED).permutation(len(ordered))
     return {ordered[i] for i in permutation[: round(LYRA_VALID_FRACTION * len(ordered))]}
 
 
 def load_lyra(splits_dir: PathLike) -> Task:
-    """Lyra: training.tsv (train, and the carved validation set) and test.tsv, top 30 tags."""
+    """Lyra: training.tsv less the validation carve (train), the carve (valid) and test.tsv,
+    top 30 tags."""
     splits_dir = Path(splits_dir)
     training = _read_lyra_table(splits_dir / "training.tsv")
     test = _read_lyra_table(splits_dir / "test.tsv")
-    valid = lyra_valid_ids([row["id"] for row in training])
+    valid = set(read_split(splits_dir).ids["valid"])
     rows = [
         (row["id"], "valid" if row["id"] in valid else "train", _lyra_tags(row), None) for row in training
     ]
@@ -259,12 +282,8 @@ def load_lyra(splits_dir: PathLike) -> Task:
 def load_csv_task(path: PathLike, top_k: int | None = None) -> Task:
     """A generic task file of ``path,split,tags`` rows (module docstring); named after the file."""
     path = Path(path)
-    with path.open(newline="") as handle:
-        lines = [(number, row) for number, row in enumerate(csv.reader(handle), start=1) if row]
-    if lines and [cell.strip().lower() for cell in lines[0][1]] == CSV_HEADER:
-        lines = lines[1:]
     rows = []
-    for number, row in lines:
+    for number, row in table_rows(path, CSV_HEADER):
         if len(row) != 3 or row[1].strip() not in SPLIT_NAMES:
             raise TaskError(
                 f"{path}:{number}: expected 'path,split,tags' with split in {SPLIT_NAMES}, got {row}"
@@ -278,33 +297,28 @@ def load_csv_task(path: PathLike, top_k: int | None = None) -> Task:
 
 
 def load_task(
-    task: str, splits_root: PathLike, metadata: PathLike | None = None, top_k: int | None = None
+    task: str,
+    splits_root: PathLike = DEFAULT_SPLITS_ROOT,
+    metadata: PathLike | None = None,
+    top_k: int | None = None,
+    trust_pickle: bool = False,
 ) -> Task:
-    """A built-in task by name (`BUILTIN_TASKS`, split folder ``<splits_root>/<name>``) or a CSV
-    task file by path (`top_k` applies to CSV tasks only; built-in ones use `TOP_K`)."""
+    """A built-in task by name (`BUILTIN_TASKS`, split folder ``<splits_root>/<name>``, the
+    shipped splits by default) or a CSV task file by path (`top_k` applies to CSV tasks only;
+    built-in ones use `TOP_K`). `trust_pickle` lets pickled ``.npy`` metadata and split files load."""
     if task in BUILTIN_TASKS:
         splits_dir = Path(splits_root) / task
         try:
             if task == "magnatagatune":
-                return load_magnatagatune(splits_dir, metadata)
+                return load_magnatagatune(splits_dir, metadata, trust_pickle)
             if task == "lyra":
                 return load_lyra(splits_dir)
-            return load_metadata_task(task, splits_dir, metadata)
+            return load_metadata_task(task, splits_dir, metadata, trust_pickle)
         except (OSError, SplitError) as error:
             raise TaskError(f"{task}: cannot read its split under {splits_dir} ({error})") from error
     if Path(task).is_file():
         return load_csv_task(task, top_k)
     raise TaskError(f"{task!r}: neither a built-in task ({', '.join(BUILTIN_TASKS)}) nor a CSV task file")
-
-
-def _audio_index(audio_root: Path) -> dict[str, list[Path]]:
-    """Every audio file under `audio_root` by its name without extension."""
-    index: dict[str, list[Path]] = {}
-    for folder, _, names in os.walk(audio_root):
-        for name in names:
-            if name.lower().endswith(AUDIO_EXTENSIONS) and not name.startswith("."):
-                index.setdefault(Path(name).stem, []).append(Path(folder) / name)
-    return index
 
 
 def _locate(task: Task, audio_root: Path) -> tuple[list[Path | None], list[str], list[str]]:
@@ -316,7 +330,7 @@ def _locate(task: Task, audio_root: Path) -> tuple[list[Path | None], list[str],
         audio_root / path if path is not None and (audio_root / path).is_file() else None
         for path in task.paths
     ]
-    index = _audio_index(audio_root) if None in found else {}
+    index = find_audio_files(audio_root) if None in found else {}
     missing, ambiguous = [], []
     for row, recording in enumerate(task.ids):
         if found[row] is None:
@@ -341,10 +355,11 @@ def find_audio(task: Task, audio_root: PathLike) -> list[Path]:
     if missing:
         raise TaskError(
             f"{task.name}: {len(missing)} of {len(task)} recordings have no audio file under {audio_root}: "
-            f"{listed(missing)}; add them (named <id>.wav/.flac/.mp3/.ogg) or pass --skip-missing"
+            f"{listing(missing)}; add them (named <id> with an extension of "
+            f"{', '.join(AUDIO_EXTENSIONS)}) or pass --skip-missing"
         )
     if ambiguous:
-        raise TaskError(f"{task.name}: several audio files under {audio_root} for {listed(ambiguous)}")
+        raise TaskError(f"{task.name}: several audio files under {audio_root} for {listing(ambiguous)}")
     return [path for path in found if path is not None]
 
 
