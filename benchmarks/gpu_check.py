@@ -263,6 +263,7 @@ def measure_option(name: str, s: Settings, steps: int = 3) -> dict:
         except torch.OutOfMemoryError:
             return False
         finally:
+            step.optimizer.zero_grad(set_to_none=True)  # an out-of-memory error can stop mid-backward
             gc.collect()
             if s.device == "cuda":
                 torch.cuda.empty_cache()
