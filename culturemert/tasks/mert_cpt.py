@@ -188,7 +188,7 @@ class MertCptTask(FairseqTask):
             loss *= 0
         optimizer.backward(loss)
         logging_output["skipped_clips"] = sample.get("skipped", 0)
-        if torch.cuda.is_available() and not torch.distributed.is_initialized():
+        if sample["net_input"]["source"].is_cuda and not torch.distributed.is_initialized():
             logging_output["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return loss, sample_size, logging_output
 
