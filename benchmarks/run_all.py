@@ -144,7 +144,9 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("train_step", "train step", ("--steps", "1"), parse_train_step),
+    Benchmark(
+        "train_step", "train step", ("--steps", "1", "--options", "default,checkpointing"), parse_train_step
+    ),
     Benchmark(
         "extract_features", "feature extraction", ("--batch", "2", "--repeats", "3"), parse_extract_features
     ),
