@@ -42,13 +42,14 @@ class BackwardOnly:
 
 def train_step(task_cfg: MertCptConfig, model: MertModel) -> tuple[torch.Tensor, dict, dict]:
     """One ``mert_cpt`` training step from RNG seed 5: the loss, the logging output and the
-    gradients of the trainable parameters."""
+    gradients of the trainable parameters (zeros where layerdrop skipped a layer)."""
     task = MertCptTask(task_cfg)
     task.freeze_for_stage(model)
     criterion = MertMlmCriterion(MertMlmConfig(), task)
     torch.manual_seed(5)
     loss, _, logs = task.train_step(batch(), model, criterion, BackwardOnly(), update_num=0)
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    grads = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in trainable}
     return loss.detach(), logs, grads
 
 
@@ -59,18 +60,23 @@ def task_config(**fields) -> MertCptConfig:
 @pytest.mark.parametrize("trainable", [".*", STAGE1], ids=["stage2", "stage1-frozen-transformer"])
 @pytest.mark.parametrize("layer_norm_first", [False, True], ids=["post-ln", "pre-ln"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(trainable, layer_norm_first, one_thread):
-    """Dropout everywhere and layerdrop 0.3 (4 layers): the recomputed forward must redraw the same
+    """Dropout everywhere and layerdrop 0.5 (4 layers): the recomputed forward must redraw the same
     dropout masks, and the layers skipped must be the same ones."""
     cfg = dict(
-        layer_norm_first=layer_norm_first, encoder_layers=4, encoder_layerdrop=0.3, activation_dropout=0.1
+        layer_norm_first=layer_norm_first, encoder_layers=4, encoder_layerdrop=0.5, activation_dropout=0.1
     )
     torch.manual_seed(0)
     weights = MertModel(tiny_config(**cfg)).state_dict()
-    results = []
+    results, layers_run = [], []
     for checkpointing in (False, True):
         model = MertModel(tiny_config(**cfg, checkpoint_activations=checkpointing)).train()
         model.load_state_dict(weights)
+        ran = set()  # a recomputation runs a layer again: a set counts it once
+        for index, layer in enumerate(model.encoder.layers):
+            layer.register_forward_hook(lambda *_, index=index, ran=ran: ran.add(index))
         results.append(train_step(task_config(trainable=trainable), model))
+        layers_run.append(ran)
+    assert 0 < len(layers_run[0]) < 4 and layers_run[1] == layers_run[0]  # layerdrop skipped the same
     (loss, logs, grads), (loss_ckpt, logs_ckpt, grads_ckpt) = results
     assert torch.isfinite(loss) and loss_ckpt.item() == loss.item()
     assert logs_ckpt["sample_size"] == logs["sample_size"]
