@@ -158,7 +158,8 @@ def parse_log(path: Path) -> dict:
     (``train_inner``) and their millisecond time stamps give the update rate (fairseq's own
     ``wall`` has whole seconds); every loss of train, train_inner and valid lines is checked."""
     updates, losses = [], []
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    for line in text.splitlines():
         match = LINE.match(line)
         if match is None:
             continue
@@ -168,6 +169,7 @@ def parse_log(path: Path) -> dict:
             fields["time"] = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
             updates.append(fields)
     result = {"logged_updates": len(updates), "finite": bool(losses) and all(map(math.isfinite, losses))}
+    result["precision"] = precision(text)
     result["updates_per_s"] = result["clips_per_update"] = None
     if len(updates) >= 2:
         first, last = updates[0], updates[-1]
@@ -177,6 +179,16 @@ def parse_log(path: Path) -> dict:
     peaks = [u["cuda_peak_gib"] for u in updates if "cuda_peak_gib" in u]
     result["peak_cuda_gib"] = max(peaks) if peaks else None
     return result
+
+
+def precision(log: str) -> str:
+    """How fairseq trained, from the configuration it logs first: 'fp16' (half weights, FP32
+    master copy), 'amp' (FP16 autocast), 'bf16-autocast' (task.bf16_autocast) or 'fp32'."""
+    flags = {
+        name: re.search(rf"'{key}': True", log) is not None
+        for name, key in (("fp16", "fp16"), ("amp", "amp"), ("bf16-autocast", "bf16_autocast"))
+    }
+    return next((name for name, on in flags.items() if on), "fp32")
 
 
 def train_stages(work: Path, s: Settings, updates: int, log: Path) -> tuple[list[dict], Path]:
@@ -312,14 +324,16 @@ def report(s: Settings, updates: int, stages: list[dict], options: list[dict], e
     memory = "peak CUDA GiB" if s.device == "cuda" else "peak RSS+ GiB"
     step = f"{s.clips_per_step} x {crop:g} s"
     lines = [f"stages through scripts/run_cpt.sh ({updates} updates each, {step} per step)"]
-    lines.append(f"{'stage':<8}{'updates/s':>11}{'audio s/s':>11}{'peak CUDA GiB':>15}{'losses':>9}")
+    lines.append(
+        f"{'stage':<8}{'updates/s':>11}{'audio s/s':>11}{'peak CUDA GiB':>15}{'losses':>11}  precision"
+    )
     for stage in stages:
         rate, clips = stage["updates_per_s"], stage["clips_per_update"]
         audio = rate * clips * crop if rate is not None and clips is not None else None
         cuda = stage["peak_cuda_gib"]
         lines.append(
             f"{'stage ' + str(stage['stage']):<8}{_number(rate, 3):>11}{_number(audio, 1):>11}"
-            f"{_number(cuda, 2):>15}{'finite' if stage['finite'] else 'NOT-FINITE':>9}"
+            f"{_number(cuda, 2):>15}{'finite' if stage['finite'] else 'NOT-FINITE':>11}  {stage['precision']}"
         )
     lines += [
         "",

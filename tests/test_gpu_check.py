@@ -37,8 +37,8 @@ def test_cpu_tiny_check_prints_every_row_with_finite_losses(tmp_path):
         return found[0]
 
     for stage in ("stage 1", "stage 2"):
-        # updates/s, audio s/s, no CUDA memory on the CPU, finite losses
-        assert re.fullmatch(rf"{stage}\s+{NUMBER}\s+{NUMBER}\s+-\s+finite", row(stage)), row(stage)
+        # updates/s, audio s/s, no CUDA memory on the CPU, finite losses, FP32 on the CPU
+        assert re.fullmatch(rf"{stage}\s+{NUMBER}\s+{NUMBER}\s+-\s+finite\s+fp32", row(stage)), row(stage)
     for option, precision in (("default", "FP32"), ("checkpointing", "FP32"), ("bf16", "BF16")):
         fields = row(option).split()
         assert fields[:2] == [option, precision]
