@@ -107,10 +107,9 @@ def synthetic_music(seconds: float, rng: np.random.Generator) -> np.ndarray:
     return (0.5 * audio / max(np.abs(audio).max(), 1e-6)).astype(np.float32)
 
 
-def run(command: list[str], log: Path, env: dict[str, str] | None = None) -> float:
-    """Run ``command`` with its output appended to ``log``; seconds taken. A failure raises with
-    the log's last lines."""
-    start = time.perf_counter()
+def run(command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    """Run ``command`` with its output appended to ``log``; a failure raises with the log's last
+    lines."""
     with open(log, "a") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
@@ -120,7 +119,6 @@ def run(command: list[str], log: Path, env: dict[str, str] | None = None) -> flo
         raise RuntimeError(
             f"{' '.join(command[:3])} ... failed (exit {result.returncode}); end of {log}:\n{tail}"
         )
-    return time.perf_counter() - start
 
 
 def prepare_data(work: Path, s: Settings, updates: int, log: Path) -> None:
@@ -211,14 +209,13 @@ def train_stages(work: Path, s: Settings, updates: int, log: Path) -> tuple[list
         f"checkpoint.save_interval_updates={updates}",
         f"dataset.validate_interval_updates={updates}",
     ]
-    seconds = run(["bash", str(REPO / "scripts" / "run_cpt.sh"), RUN, *overrides], log, env)
+    run(["bash", str(REPO / "scripts" / "run_cpt.sh"), RUN, *overrides], log, env)
     out = work / "runs" / "gpu_check"
     stages = []
     for stage in (1, 2):
         figures = parse_log(out / f"stage{stage}" / "hydra" / "hydra_train.log")
         figures["stage"] = stage
         stages.append(figures)
-    stages[0]["launcher_seconds"] = seconds
     return stages, out / "hf"
 
 
