@@ -4,7 +4,8 @@ Each benchmark of this folder runs as a child process, one after another so that
 compete for the machine; the tables they print are parsed into rows of (benchmark, setting,
 figure, unit, device):
 
-- train_step.py: seconds per MERT-v1-95M update and peak memory (RSS; CUDA when a GPU is present);
+- train_step.py: seconds per MERT-v1-95M update and peak memory (RSS; CUDA when a GPU is present)
+  of each training option (default, activation checkpointing, bf16);
 - extract_features.py: clips per second of MertModel.hidden_states and of transformers' HubertModel;
 - extract_tokens.py: audio seconds encoded per wall second, token cache size per audio hour;
 - merge.py: time and peak RSS of merging four MERT-v1-95M-sized models.
@@ -80,11 +81,11 @@ def device_rows(output: str, fields: int) -> list[list[str]]:
 
 
 def parse_train_step(output: str) -> list[Figure]:
-    """Rows 'device batch targets s/step peak-RSS-GiB peak-CUDA-GiB' ('-' without CUDA)."""
+    """Rows 'device batch option precision targets s/step peak-RSS-GiB peak-CUDA-GiB' ('-' without
+    CUDA)."""
     figures = []
-    for device, batch, targets, seconds, rss, cuda in device_rows(output, 6):
-        precision = "FP16" if device == "cuda" else "FP32"
-        setting = f"batch {batch} x 5 s {precision}, {targets.replace('_', '-')} codes"
+    for device, batch, option, precision, targets, seconds, rss, cuda in device_rows(output, 8):
+        setting = f"batch {batch} x 5 s {precision}, {option}, {targets.replace('_', '-')} codes"
         figures += [(setting, seconds, "s per update", device), (setting, rss, "GiB peak RSS", device)]
         if cuda != "-":
             figures.append((setting, cuda, "GiB peak CUDA memory", device))
@@ -143,7 +144,9 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("train_step", "train step", ("--steps", "1"), parse_train_step),
+    Benchmark(
+        "train_step", "train step", ("--steps", "1", "--options", "default,checkpointing"), parse_train_step
+    ),
     Benchmark(
         "extract_features", "feature extraction", ("--batch", "2", "--repeats", "3"), parse_extract_features
     ),

@@ -1,4 +1,4 @@
-"""Random 5 s crops of pre-training clips, batched with padding masks (thesis 3.5.3, SPEC §2).
+"""Random 5 s crops of pre-training clips, batched with padding masks (thesis 3.5.3).
 
 Each item is a crop of ``crop_samples`` read from disk without decoding the rest of the file.
 Crops start on a 320-sample frame boundary, so the EnCodec codes of a cached file line up with

@@ -1,4 +1,4 @@
-"""In-batch noise mixture (thesis 3.2, SPEC §2): mix segments of other clips into a clip.
+"""In-batch noise mixture (thesis 3.2): mix segments of other clips into a clip.
 
 With probability ``prob`` per example, 1 to ``max_segments`` segments of ``min_length`` to
 ``max_length`` samples, cut at random from other clips of the same batch, are added at random

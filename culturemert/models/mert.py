@@ -1,6 +1,6 @@
 """MERT: a HuBERT-style music encoder with acoustic (EnCodec) and musical (CQT) heads.
 
-Architecture of MERT-v1-95M (SPEC §1; thesis 3.2): a 7-layer convolutional feature
+Architecture of MERT-v1-95M (thesis 3.2): a 7-layer convolutional feature
 extractor (320x down-sampling: 24 kHz audio -> 75 frames/s), layer norm and projection to the
 transformer width, a grouped convolutional positional embedding, and a 12-layer transformer
 encoder. Pre-training heads: ``final_proj`` and the codeword embeddings ``label_embs_concat``
@@ -20,13 +20,14 @@ from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
 from fairseq.modules import GradMultiply
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from culturemert.masking import span_mask
 
 
 @dataclass
 class MertConfig(FairseqDataclass):
-    """Hyper-parameters of the MERT model; defaults are MERT-v1-95M (SPEC §1)."""
+    """Hyper-parameters of the MERT model; defaults are MERT-v1-95M (thesis 3.2)."""
 
     conv_feature_layers: str = field(
         default="[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
@@ -66,6 +67,13 @@ class MertConfig(FairseqDataclass):
     final_dim: int = field(default=64, metadata={"help": "codeword embedding size"})
     logit_temp: float = field(default=0.1, metadata={"help": "cosine-logit temperature"})
     cqt_bins: int = field(default=336, metadata={"help": "CQT bins regressed by the head"})
+    checkpoint_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "in training, keep only each conv block's and transformer layer's input and "
+            "recompute the rest in the backward pass: less memory, the same loss and gradients"
+        },
+    )
 
     @property
     def conv_layers(self) -> list[tuple[int, int, int]]:
@@ -212,14 +220,24 @@ class TransformerLayer(nn.Module):
         return self.final_layer_norm(x + self.feed_forward(x))
 
 
+def run_block(block: nn.Module, recompute: bool, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """``block(*inputs)``; with ``recompute`` (activation checkpointing) its activations are not
+    kept but recomputed in the backward pass, with the RNG state of the forward restored so
+    that dropout draws the same masks: the gradients equal those of the plain call."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(block, *inputs, use_reentrant=False, preserve_rng_state=True)
+    return block(*inputs)
+
+
 class TransformerEncoder(nn.Module):
-    """Positional conv, layer norm and the layer stack; returns all hidden states (SPEC §1)."""
+    """Positional conv, layer norm and the layer stack; returns all hidden states (thesis 3.2)."""
 
     def __init__(self, cfg: MertConfig):
         super().__init__()
         dim = cfg.encoder_embed_dim
         self.layer_norm_first = cfg.layer_norm_first
         self.layerdrop = cfg.encoder_layerdrop
+        self.checkpoint_activations = cfg.checkpoint_activations
         self.pos_conv = nn.Sequential(WeightNormConv1d(dim, cfg.conv_pos, cfg.conv_pos_groups), nn.GELU())
         self.layer_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -242,10 +260,12 @@ class TransformerEncoder(nn.Module):
             x = self.layer_norm(x)
         x = self.dropout(x)
         hidden_states = [x]
+        recompute = self.training and self.checkpoint_activations
         for layer in self.layers:
+            # Layerdrop is drawn outside the checkpoint: a recomputation never re-draws it.
             skipped = self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop
             if not skipped:
-                x = layer(x, attend)
+                x = run_block(layer, recompute, x, attend)
             hidden_states.append(x)
         return hidden_states
 
@@ -320,11 +340,9 @@ class MertModel(BaseFairseqModel):
         None) and ``features_pen`` (mean squared conv feature, the release's feature penalty).
         With ``mask`` the masked frames' inputs are replaced by ``mask_emb`` (thesis 3.2).
         """
+        features = self.conv_features(source)
         if self.training and self.cfg.feature_grad_mult != 1.0:
-            features = self.feature_extractor(source)
             features = GradMultiply.apply(features, self.cfg.feature_grad_mult)
-        else:
-            features = self.feature_extractor(source)
         features_pen = features.float().pow(2).mean()
         features = self.layer_norm(features.transpose(1, 2))
         batch, num_frames, _ = features.shape
@@ -348,10 +366,19 @@ class MertModel(BaseFairseqModel):
             "features_pen": features_pen,
         }
 
+    def conv_features(self, source: torch.Tensor) -> torch.Tensor:
+        """The conv extractor's output [B, C, T] for ``source`` [B, samples]; block by block, so
+        that ``checkpoint_activations`` keeps only each block's input in training."""
+        recompute = self.training and self.cfg.checkpoint_activations
+        x = source[:, None, :]
+        for block in self.feature_extractor.conv_layers:
+            x = run_block(block, recompute, x)
+        return x
+
     def hidden_states(
         self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """The ``encoder_layers + 1`` hidden states [B, frames, C] used for probing (SPEC §1).
+        """The ``encoder_layers + 1`` hidden states [B, frames, C] used for probing (thesis 3.5.2).
 
         ``wav`` [B, samples] float audio at 24 kHz; ``padding_mask`` [B, samples], True where a
         sample is padding. No masking; call ``model.eval()`` first for deterministic features.
@@ -359,19 +386,24 @@ class MertModel(BaseFairseqModel):
         return tuple(self.forward(wav, padding_mask, mask=False)["hidden_states"])
 
     def codeword_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Cosine-similarity logits [N, codebooks, codeword_rows] for frames ``x`` [N, C].
+        """Cosine-similarity logits [N, codebooks, codeword_rows] in float32 for frames ``x`` [N, C].
 
         logit = cos(final_proj(x)_k, e_{k,v}) / logit_temp for codebook k and row v (thesis
         eq. 3.2); one normalised matrix product per codebook, equal to fairseq's broadcast
-        cosine in ``compute_nce``.
+        cosine in ``compute_nce``. Computed outside autocast, in the heads' own precision.
         """
         cfg = self.cfg
-        projected = self.final_proj(x).view(-1, cfg.num_codebooks, cfg.final_dim)
-        codewords = self.label_embs_concat.view(cfg.num_codebooks, cfg.codeword_rows, cfg.final_dim)
-        projected = F.normalize(projected.float(), dim=-1, eps=1e-8)
-        codewords = F.normalize(codewords.float(), dim=-1, eps=1e-8)
-        return torch.einsum("nkd,kvd->nkv", projected, codewords) / cfg.logit_temp
+        with torch.autocast(x.device.type, enabled=False):
+            projected = self.final_proj(x.to(self.final_proj.weight.dtype))
+            projected = projected.view(-1, cfg.num_codebooks, cfg.final_dim)
+            codewords = self.label_embs_concat.view(cfg.num_codebooks, cfg.codeword_rows, cfg.final_dim)
+            projected = F.normalize(projected.float(), dim=-1, eps=1e-8)
+            codewords = F.normalize(codewords.float(), dim=-1, eps=1e-8)
+            return torch.einsum("nkd,kvd->nkv", projected, codewords) / cfg.logit_temp
 
     def cqt_prediction(self, x: torch.Tensor) -> torch.Tensor:
-        """Predicted CQT magnitudes [..., cqt_bins] for frames ``x`` [..., C]."""
-        return self.encoder_cqt_model(x)
+        """Predicted CQT magnitudes [..., cqt_bins] in float32 for frames ``x`` [..., C];
+        computed outside autocast, in the head's own precision."""
+        head = self.encoder_cqt_model
+        with torch.autocast(x.device.type, enabled=False):
+            return head(x.to(head.fc.weight.dtype)).float()

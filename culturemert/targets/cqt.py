@@ -1,6 +1,6 @@
 """The musical teacher: constant-Q transform magnitudes of the clean audio (thesis eq. 3.3).
 
-nnAudio's CQT with the MERT settings (SPEC §2) runs as convolutions on the training device.
+nnAudio's CQT with the MERT release's settings runs as convolutions on the training device.
 Alignment: with ``center=True`` CQT frame t is centred on sample 320 t, so a crop of n samples
 gives ``n // 320 + 1`` frames (376 for 5 s) while the model gives 374; like fairseq's HuBERT
 (``forward_targets``) the first frames are kept and the trailing extra ones dropped.
@@ -19,7 +19,7 @@ from culturemert.audio import HOP_LENGTH, SAMPLE_RATE
 
 @dataclass
 class CQTSettings:
-    """nnAudio CQT arguments; defaults are MERT's (SPEC §2)."""
+    """nnAudio CQT arguments; defaults are MERT's (thesis eq. 3.3)."""
 
     sample_rate: int = SAMPLE_RATE
     hop_length: int = HOP_LENGTH

@@ -1,4 +1,4 @@
-"""The acoustic teacher of MERT: frozen EnCodec 24 kHz tokens at 6 kbps (thesis eq. 3.1, SPEC §2).
+"""The acoustic teacher of MERT: frozen EnCodec 24 kHz tokens at 6 kbps (thesis eq. 3.1).
 
 At 6 kbps EnCodec's residual vector quantiser uses its first 8 stages, so every 320-sample hop
 (75 frames/s at 24 kHz) gets 8 codes, each one of 1,024 codewords.

@@ -1,10 +1,16 @@
-"""Task ``mert_cpt``: one stage of MERT continual pre-training (thesis 3.3, SPEC §3).
+"""Task ``mert_cpt``: one stage of MERT continual pre-training (thesis 3.3).
 
 It reads clip manifests (``{data}/{split}.tsv``) and, when given, EnCodec token caches
 (``{tokens}/{split}/``), builds the teacher targets on the training device (CQT always, EnCodec
 codes when no cache is given), applies the in-batch noise mixture to the training input, and
 freezes every parameter that the stage's ``trainable`` patterns do not name. fairseq only
 gives trainable parameters to the optimizer, so frozen ones carry no optimizer state.
+
+``task.bf16_autocast`` runs the model's forward under bfloat16 autocast with float32 weights
+(fairseq's ``common.bf16`` would cast the weights themselves); the teachers run before it and the
+loss heads outside it, in float32. It excludes ``common.fp16``, ``common.amp`` and ``common.bf16``.
+The training step reports the peak CUDA memory allocated since fairseq's last reset (every update)
+as ``cuda_peak_gib`` in single-process runs.
 """
 
 import logging
@@ -16,12 +22,14 @@ from typing import Optional
 import torch
 from fairseq import metrics
 from fairseq.dataclass import FairseqDataclass
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from culturemert.data.crops import CropDataset
 from culturemert.data.manifest import read_manifest
 from culturemert.data.noise_mixture import NoiseMixture
+from culturemert.errors import UserError
 from culturemert.targets.cqt import CQTTeacher
 
 logger = logging.getLogger(__name__)
@@ -62,7 +70,17 @@ class MertCptConfig(FairseqDataclass):
             "frozen (stage 1: 'feature_extractor\\..*,label_embs_concat'; stage 2: '.*')"
         },
     )
+    bf16_autocast: bool = field(
+        default=False,
+        metadata={
+            "help": "bfloat16 autocast of the model's forward with float32 weights, teachers and loss "
+            "(an alternative to common.fp16/common.amp, which must then be off)"
+        },
+    )
     seed: int = II("common.seed")
+    common_fp16: bool = II("common.fp16")
+    common_amp: bool = II("common.amp")
+    common_bf16: bool = II("common.bf16")
 
 
 @register_task("mert_cpt", dataclass=MertCptConfig)
@@ -71,6 +89,15 @@ class MertCptTask(FairseqTask):
 
     def __init__(self, cfg: MertCptConfig):
         super().__init__(cfg)
+        if cfg.bf16_autocast:
+            # Unresolved interpolations (a config built outside Hydra) are strings, not True.
+            names = ("fp16", "amp", "bf16")
+            other = [f"common.{name}" for name in names if getattr(cfg, f"common_{name}") is True]
+            if other:
+                raise UserError(
+                    f"task.bf16_autocast=true and {' and '.join(other)}=true exclude each other: "
+                    f"set {'=false '.join(other)}=false for bfloat16 autocast, or drop task.bf16_autocast"
+                )
         self.mixture = NoiseMixture(
             cfg.mixup_prob, cfg.mixup_max_segments, cfg.mixup_min_length, cfg.mixup_max_length
         )
@@ -143,22 +170,41 @@ class MertCptTask(FairseqTask):
             sample["net_input"]["source"] = self.mixture(source, padding_mask)
         return sample
 
+    def autocast(self, sample: dict, optimizer=None) -> torch.autocast:
+        """The autocast context of the forward: bfloat16 with ``task.bf16_autocast``, else
+        fairseq's FP16 autocast when ``common.amp`` made ``optimizer`` an ``AMPOptimizer``."""
+        if self.cfg.bf16_autocast:
+            return torch.autocast(sample["net_input"]["source"].device.type, dtype=torch.bfloat16)
+        return torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer))
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's training step with the teachers first and autocast around the forward only."""
         sample = self.add_targets(sample, mix=True)
-        loss, sample_size, logging_output = super().train_step(
-            sample, model, criterion, optimizer, update_num, ignore_grad
-        )
+        model.train()
+        model.set_num_updates(update_num)
+        with self.autocast(sample, optimizer):
+            loss, sample_size, logging_output = criterion(model, sample)
+        if ignore_grad:
+            loss *= 0
+        optimizer.backward(loss)
         logging_output["skipped_clips"] = sample.get("skipped", 0)
+        if sample["net_input"]["source"].is_cuda and not torch.distributed.is_initialized():
+            logging_output["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return loss, sample_size, logging_output
 
     def valid_step(self, sample, model, criterion):
-        return super().valid_step(self.add_targets(sample, mix=False), model, criterion)
+        sample = self.add_targets(sample, mix=False)
+        with self.autocast(sample):
+            return super().valid_step(sample, model, criterion)
 
     def reduce_metrics(self, logging_outputs, criterion) -> None:
         super().reduce_metrics(logging_outputs, criterion)
         skipped = sum(log.get("skipped_clips", 0) for log in logging_outputs)
         if skipped:
             metrics.log_scalar_sum("skipped_clips", skipped)
+        peaks = [log["cuda_peak_gib"] for log in logging_outputs if "cuda_peak_gib" in log]
+        if peaks:
+            metrics.log_scalar("cuda_peak_gib", max(peaks), weight=0, round=2)
 
     def max_positions(self):
         return None
