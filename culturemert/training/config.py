@@ -26,7 +26,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from culturemert.criterions.mert_mlm import MertMlmConfig
 from culturemert.errors import UserError
+from culturemert.lr_scheduler import CptCosineConfig
+from culturemert.models.mert import MertConfig
+from culturemert.tasks.mert_cpt import MertCptConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +62,15 @@ class ConfigError(UserError):
 
 @dataclasses.dataclass
 class LauncherConfig(FairseqConfig):
-    """FairseqConfig plus what only the launcher reads: ``stages``, the stages an ablation runs
-    (e.g. ``stages: [2]``). It is removed before the config is written for fairseq."""
+    """FairseqConfig with this plugin's model, task, criterion and schedule as typed sections
+    (so every setting can be overridden without restating its default in YAML, and a misspelt
+    one is refused), plus what only the launcher reads: ``stages``, the stages an ablation runs
+    (e.g. ``stages: [2]``), removed before the config is written for fairseq."""
 
+    model: MertConfig = dataclasses.field(default_factory=MertConfig)
+    task: MertCptConfig = dataclasses.field(default_factory=MertCptConfig)
+    criterion: MertMlmConfig = dataclasses.field(default_factory=MertMlmConfig)
+    lr_scheduler: CptCosineConfig = dataclasses.field(default_factory=CptCosineConfig)
     stages: typing.Optional[typing.List[int]] = None
 
 
@@ -137,20 +147,18 @@ def _first_line(error: BaseException) -> str:
 def filled(cfg: DictConfig, stage: int) -> DictConfig:
     """A copy with the model's, task's, ... defaults filled in from their registered dataclasses,
     as fairseq does when it starts; so a ``+task.typo=1`` is refused before training."""
-    import culturemert  # noqa: F401  (registers the model, task, criterion and schedule)
-
     unknown = [key for key in cfg if key not in FairseqConfig.__dataclass_fields__]
     unknown += [
         f"{section}.{key}"
-        for section, field in FairseqConfig.__dataclass_fields__.items()
-        if dataclasses.is_dataclass(field.type) and OmegaConf.is_dict(cfg.get(section))
+        for section, kind in typing.get_type_hints(LauncherConfig).items()
+        if dataclasses.is_dataclass(kind) and OmegaConf.is_dict(cfg.get(section))
         for key in cfg[section]
-        if key not in field.type.__dataclass_fields__
+        if key not in kind.__dataclass_fields__
     ]
     cfg = copy.deepcopy(cfg)
     try:
         if unknown:
-            raise ConfigError(f"no setting {', '.join(unknown)} in fairseq's configuration")
+            raise ConfigError(f"no setting {', '.join(unknown)}")
         add_defaults(cfg)
     except (OmegaConfBaseException, ConfigError) as error:
         raise ConfigError(
