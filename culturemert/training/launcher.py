@@ -139,7 +139,7 @@ def launch(settings: Settings) -> Path:
         first.write(previous)
         for stage in stages:
             previous = run_stage(settings, stage, composed[stage], previous, lock)
-    logger.info(convert(previous, settings.out / "hf"))
+        logger.info(convert(previous, settings.out / "hf"))
     return previous
 
 
