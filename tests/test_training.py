@@ -181,12 +181,27 @@ def test_run_cpt_from_the_release_layout_freezes_in_stage1_trains_all_in_stage2_
     assert (killed / "hf" / "model.safetensors").exists()
 
 
-# fairseq saves on rank 0 only; this entry point lets every rank save, into its own folder.
+# fairseq saves on rank 0 only; this entry point lets every rank save, into its own folder, and
+# counts the transformer layers each rank ran and skipped (layerdrop) in training forwards.
 EVERY_RANK_SAVES = """
-import sys
+import atexit, json, os, sys
+from culturemert.models import mert
 from fairseq.trainer import Trainer
 from fairseq_cli.hydra_train import cli_main
 
+counts = {"layers": 0, "ran": 0}
+encoder_forward, layer_forward = mert.TransformerEncoder.forward, mert.TransformerLayer.forward
+
+def encoder(self, *args, **kwargs):
+    counts["layers"] += self.training * len(self.layers)
+    return encoder_forward(self, *args, **kwargs)
+
+def layer(self, *args, **kwargs):
+    counts["ran"] += self.training
+    return layer_forward(self, *args, **kwargs)
+
+mert.TransformerEncoder.forward, mert.TransformerLayer.forward = encoder, layer
+atexit.register(lambda: open(f"layers_run{os.environ['RANK']}.json", "w").write(json.dumps(counts)))
 Trainer.should_save_checkpoint_on_current_rank = property(lambda self: True)
 sys.exit(cli_main())
 """
@@ -194,9 +209,9 @@ sys.exit(cli_main())
 
 def test_two_process_data_parallel_run_with_layerdrop_keeps_the_ranks_identical(corpus, tmp_path):
     """fairseq's own distributed training, two torchrun processes over gloo (+launch=torchrun_cpu),
-    with the default encoder_layerdrop 0.05 of the tiny model: layers skipped on one rank get
-    zero gradients from no_c10d's all-reduce instead of stopping DDP, and after 10 updates both
-    ranks hold the same weights."""
+    with the default encoder_layerdrop 0.05 of the tiny model: the parameters of skipped layers
+    get zero gradients from no_c10d's all-reduce instead of stopping DDP, and after 10 updates
+    both ranks hold the same weights."""
     program = tmp_path / "every_rank_saves.py"
     program.write_text(EVERY_RANK_SAVES)
     for rank in (0, 1):
@@ -224,3 +239,6 @@ def test_two_process_data_parallel_run_with_layerdrop_keeps_the_ranks_identical(
     assert all(torch.equal(first[name], second[name]) for name in first)
     transformer = [name for name in first if name.startswith("encoder.layers.")]
     assert all(not torch.equal(first[name], start[name]) for name in transformer)
+    counts = [json.loads((tmp_path / f"layers_run{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(c["layers"] == 2 * 10 for c in counts)  # 2 layers, one forward per update
+    assert any(c["ran"] < c["layers"] for c in counts), f"layerdrop skipped no layer: {counts}"
