@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from culturemert.criterions.mert_mlm import MertMlmConfig
 from culturemert.errors import UserError
+from culturemert.files import write_atomically
 from culturemert.lr_scheduler import CptCosineConfig
 from culturemert.models.mert import MertConfig
 from culturemert.tasks.mert_cpt import MertCptConfig
@@ -54,6 +55,9 @@ LOGGED = (
     "common.seed",
     "model.encoder_layerdrop",
 )
+
+
+SPELLING = "check the spelling of your overrides (fairseq-hydra-train --help lists the settings)"
 
 
 class ConfigError(UserError):
@@ -155,16 +159,13 @@ def filled(cfg: DictConfig, stage: int) -> DictConfig:
         for key in cfg[section]
         if key not in kind.__dataclass_fields__
     ]
+    if unknown:
+        raise ConfigError(f"stage {stage}: no setting {', '.join(unknown)}; {SPELLING}")
     cfg = copy.deepcopy(cfg)
     try:
-        if unknown:
-            raise ConfigError(f"no setting {', '.join(unknown)}")
         add_defaults(cfg)
-    except (OmegaConfBaseException, ConfigError) as error:
-        raise ConfigError(
-            f"stage {stage}: {_first_line(error)}; check the spelling of your overrides "
-            "(fairseq-hydra-train --help lists the settings)"
-        ) from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"stage {stage}: {_first_line(error)}; {SPELLING}") from None
     return cfg
 
 
@@ -188,7 +189,5 @@ def summary(cfg: DictConfig) -> str:
 
 def write_stage_config(cfg: DictConfig, path: Path) -> None:
     """The file ``fairseq-hydra-train --config-dir <dir> --config-name <stem>`` runs."""
-    from culturemert.files import write_atomically
-
     text = OmegaConf.to_yaml(cfg)
     write_atomically(path, lambda handle: handle.write(text.encode()))
