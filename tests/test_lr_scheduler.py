@@ -1,4 +1,4 @@
-"""The cpt_cosine schedule equals SPEC §3's formula, through fairseq's scheduler interface."""
+"""The cpt_cosine schedule equals the formula of thesis 3.3, through fairseq's scheduler interface."""
 
 from __future__ import annotations
 

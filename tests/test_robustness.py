@@ -12,8 +12,6 @@ files crafted here.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import io
 import json
 import math
 import os
@@ -396,21 +394,6 @@ def test_token_extraction_killed_with_sigkill_resumes_to_identical_bytes(clips, 
 # --- Training.
 
 
-def script_main(name: str) -> Callable[[list[str]], int]:
-    """The main() of scripts/<name>.py, imported without running it."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def architecture_overrides(checkpoint: Path) -> list[str]:
-    """The ++model.* overrides that scripts/model_overrides.py prints for `checkpoint`."""
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        assert script_main("model_overrides")([str(checkpoint)]) == 0
-    return printed.getvalue().splitlines()
-
-
 @pytest.fixture(scope="module")
 def cpt_inputs(tmp_path_factory, clips, teacher) -> Path:
     """What run_cpt.sh needs for both stages of a tiny run: manifests (3 clips and one 0.5 s clip
@@ -438,12 +421,12 @@ def train_command(inputs: Path, save_dir: Path, max_update: int = TRAIN_UPDATES)
     """fairseq-hydra-train of a tiny stage-2 run from init.pt, validated and saved every 4 updates
     and at the end of every epoch (the tiny preset)."""
     return [
-        shutil.which("fairseq-hydra-train"), "--config-dir", REPO / "configs", "--config-name", "stage2",
-        "+cpt=makam_stage2", "+preset=tiny", f"common.user_dir={REPO / 'culturemert'}",
-        f"task.data={inputs / 'manifests/stage2'}", f"task.tokens={inputs / 'manifests/tokens/stage2'}",
+        shutil.which("fairseq-hydra-train"), "--config-dir", REPO / "configs", "--config-name", "stage",
+        "+stage=stage2", "+preset=tiny", "+cpt=makam_stage2", "+model=tiny",
+        f"common.user_dir={REPO / 'culturemert'}",
+        f"task.data={inputs / 'manifests/stage2'}", f"+task.tokens={inputs / 'manifests/tokens/stage2'}",
         f"checkpoint.save_dir={save_dir}", f"checkpoint.finetune_from_model={inputs / 'init.pt'}",
         f"hydra.run.dir={save_dir}", "hydra.job.chdir=false", f"optimization.max_update={max_update}",
-        *architecture_overrides(inputs / "init.pt"),
     ]  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """Real fairseq training on real (rendered) music: the objective learns, the LR schedule follows
-the formula, stage 1 freezes the transformer, and run_cpt.sh resumes after a kill."""
+the formula, a release-layout start checkpoint runs through both stages, stage 1 freezes the
+transformer, run_cpt.sh resumes after a kill, and two processes with layerdrop stay in step."""
 
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from culturemert.audio import audio_info, read_crop
 from culturemert.checkpoint import read_checkpoint
 from culturemert.data.manifest import write_manifest
 from culturemert.lr_scheduler import cpt_cosine_lr
+from culturemert.models.mert import MertConfig
 from culturemert.music_corpus import render_collection
 from culturemert.targets.encodec_teacher import EncodecTeacher
 from culturemert.targets.token_cache import build_token_cache
+from culturemert.testing import write_release_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_TRAINABLE = ("feature_extractor.", "label_embs_concat")
@@ -31,7 +35,8 @@ STAGE1_TRAINABLE = ("feature_extractor.", "label_embs_concat")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """Rendered fiddle tunes (6 train, 2 valid clips of 4 s) as the manifests of both stages,
-    with token caches from one data-initialised EnCodec teacher, and a tiny random model."""
+    with token caches from one data-initialised EnCodec teacher, and a tiny random model twice:
+    init.pt as this project writes it, release.pt in the layout of the published checkpoint."""
     root = tmp_path_factory.mktemp("cpt")
     rendered = render_collection("fiddle", root / "audio", 8, seed=0, max_seconds=4)
     entries = [(path.name, audio_info(path)[0]) for path, _ in rendered]
@@ -48,10 +53,11 @@ def corpus(tmp_path_factory) -> Path:
     shutil.copytree(stage1, root / "manifests" / "stage2")
     shutil.copytree(root / "manifests/tokens/stage1", root / "manifests/tokens/stage2")
     init_model = [sys.executable, str(REPO / "scripts/init_model.py")]
-    tiny = str(REPO / "configs/model/tiny.yaml")
+    tiny = REPO / "configs/model/tiny.yaml"
     subprocess.run(
-        [*init_model, "--config", tiny, "--out", str(root / "init.pt")], check=True, capture_output=True
+        [*init_model, "--config", str(tiny), "--out", str(root / "init.pt")], check=True, capture_output=True
     )
+    write_release_checkpoint(root / "release.pt", MertConfig(**yaml.safe_load(tiny.read_text())))
     return root
 
 
@@ -64,19 +70,16 @@ def training_log(log_file: Path) -> list[dict]:
     return records
 
 
-def stage2_command(corpus: Path, save_dir: Path, *overrides: str) -> list[str]:
-    """fairseq-hydra-train arguments of a tiny stage-2 run on the corpus, from its init model."""
-    architecture = subprocess.run(
-        [sys.executable, str(REPO / "scripts/model_overrides.py"), str(corpus / "init.pt")],
-        check=True, capture_output=True, text=True,
-    ).stdout.splitlines()  # fmt: skip
+def stage2_command(corpus: Path, save_dir: Path, *overrides: str, program: str | None = None) -> list[str]:
+    """fairseq-hydra-train arguments of a tiny stage-2 run on the corpus, from its init model
+    (configs/model/tiny.yaml, so +model=tiny gives its architecture)."""
     return [
-        shutil.which("fairseq-hydra-train"), "--config-dir", str(REPO / "configs"), "--config-name", "stage2",
-        "+cpt=makam_stage2", "+preset=tiny", f"common.user_dir={REPO / 'culturemert'}",
-        f"task.data={corpus / 'manifests/stage2'}", f"task.tokens={corpus / 'manifests/tokens/stage2'}",
+        program or shutil.which("fairseq-hydra-train"), "--config-dir", str(REPO / "configs"),
+        "--config-name", "stage", "+stage=stage2", "+preset=tiny", "+cpt=makam_stage2", "+model=tiny",
+        f"common.user_dir={REPO / 'culturemert'}",
+        f"task.data={corpus / 'manifests/stage2'}", f"+task.tokens={corpus / 'manifests/tokens/stage2'}",
         f"checkpoint.save_dir={save_dir}", f"checkpoint.finetune_from_model={corpus / 'init.pt'}",
-        f"hydra.run.dir={save_dir}", "hydra.job.chdir=false", "common.log_format=json",
-        *architecture, *overrides,
+        f"hydra.run.dir={save_dir}", "hydra.job.chdir=false", "common.log_format=json", *overrides,
     ]  # fmt: skip
 
 
@@ -103,15 +106,16 @@ def test_hydra_train_on_real_music_learns_and_follows_the_lr_formula(corpus, tmp
 
 
 def run_cpt(corpus: Path, out: Path, timeout: float | None = None, kill_in_stage2: bool = False):
+    """PRESET=tiny run_cpt.sh of the makam run (12 updates per stage) from the release layout."""
     env = {
         **os.environ,
         "PRESET": "tiny",
-        "INIT": str(corpus / "init.pt"),
+        "INIT": str(corpus / "release.pt"),
         "MANIFESTS": str(corpus / "manifests"),
         "CPT_OUT": str(out),
     }
     process = subprocess.Popen(
-        ["bash", str(REPO / "scripts/run_cpt.sh"), "makam"],
+        ["bash", str(REPO / "scripts/run_cpt.sh"), "makam", "optimization.max_update=12"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     if kill_in_stage2:
@@ -131,12 +135,15 @@ def final_updates(checkpoint: Path) -> int:
     return read_checkpoint(checkpoint)["optimizer_history"][-1]["num_updates"]
 
 
-def test_run_cpt_freezes_in_stage1_trains_all_in_stage2_and_resumes(corpus, tmp_path):
+def test_run_cpt_from_the_release_layout_freezes_in_stage1_trains_all_in_stage2_and_resumes(corpus, tmp_path):
     output = run_cpt(corpus, tmp_path / "full")
     run = tmp_path / "full" / "makam"
     assert "final model (HF folder)" in output
+    assert "dropped derived buffers (the task recomputes them): encoder_cqt_model.spec_layer." in output
 
-    start = read_checkpoint(corpus / "init.pt")["model"]
+    released = read_checkpoint(corpus / "release.pt")["model"]
+    start = {name: value for name, value in released.items() if ".spec_layer." not in name}
+    assert len(start) == len(released) - 3
     stage1 = read_checkpoint(run / "stage1" / "checkpoint_last.pt")["model"]
     stage2 = read_checkpoint(run / "stage2" / "checkpoint_last.pt")["model"]
     assert set(start) == set(stage1) == set(stage2)
@@ -157,10 +164,13 @@ def test_run_cpt_freezes_in_stage1_trains_all_in_stage2_and_resumes(corpus, tmp_
 
     HubertModel.from_pretrained(run / "hf")
 
-    # Killed during stage 2 and rerun: stage 1 (finished, taken from the run above) is skipped
-    # and stage 2 resumes from its checkpoint_last.pt to the same final update.
+    # Killed during stage 2 and rerun: stage 1 (finished, taken from the run above with the
+    # run's fingerprint and start checkpoint) is skipped and stage 2 resumes from its
+    # checkpoint_last.pt to the same final update.
     killed = tmp_path / "killed" / "makam"
     shutil.copytree(run / "stage1", killed / "stage1")
+    for name in ("fingerprint.json", "init.pt"):
+        shutil.copy(run / name, killed / name)
     run_cpt(corpus, tmp_path / "killed", kill_in_stage2=True)
     assert (killed / "stage1" / "finished").exists() and not (killed / "stage2" / "finished").exists()
     interrupted_at = final_updates(killed / "stage2" / "checkpoint_last.pt")
@@ -171,26 +181,64 @@ def test_run_cpt_freezes_in_stage1_trains_all_in_stage2_and_resumes(corpus, tmp_
     assert (killed / "hf" / "model.safetensors").exists()
 
 
-def test_two_process_data_parallel_run_on_cpu(corpus, tmp_path):
-    """fairseq's own distributed training, two torchrun processes over gloo (+launch=torchrun_cpu)."""
-    save_dir = tmp_path / "ddp"
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29617",
-    ]
-    command = torchrun + stage2_command(corpus, save_dir, "+launch=torchrun_cpu", "optimization.max_update=3")
+# fairseq saves on rank 0 only; this entry point lets every rank save, into its own folder, and
+# counts the transformer layers each rank ran and skipped (layerdrop) in training forwards.
+EVERY_RANK_SAVES = """
+import atexit, json, os, sys
+from culturemert.models import mert
+from fairseq.trainer import Trainer
+from fairseq_cli.hydra_train import cli_main
+
+counts = {"layers": 0, "ran": 0}
+encoder_forward, layer_forward = mert.TransformerEncoder.forward, mert.TransformerLayer.forward
+
+def encoder(self, *args, **kwargs):
+    counts["layers"] += self.training * len(self.layers)
+    return encoder_forward(self, *args, **kwargs)
+
+def layer(self, *args, **kwargs):
+    counts["ran"] += self.training
+    return layer_forward(self, *args, **kwargs)
+
+mert.TransformerEncoder.forward, mert.TransformerLayer.forward = encoder, layer
+atexit.register(lambda: open(f"layers_run{os.environ['RANK']}.json", "w").write(json.dumps(counts)))
+Trainer.should_save_checkpoint_on_current_rank = property(lambda self: True)
+sys.exit(cli_main())
+"""
+
+
+def test_two_process_data_parallel_run_with_layerdrop_keeps_the_ranks_identical(corpus, tmp_path):
+    """fairseq's own distributed training, two torchrun processes over gloo (+launch=torchrun_cpu),
+    with the default encoder_layerdrop 0.05 of the tiny model: the parameters of skipped layers
+    get zero gradients from no_c10d's all-reduce instead of stopping DDP, and after 10 updates
+    both ranks hold the same weights."""
+    program = tmp_path / "every_rank_saves.py"
+    program.write_text(EVERY_RANK_SAVES)
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+    save_dir = str(tmp_path / "rank${oc.env:RANK}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command = [*torchrun, "--master_port", "29617"] + stage2_command(
+        corpus, save_dir, "+launch=torchrun_cpu", "optimization.max_update=10", program=str(program)
+    )
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = (save_dir / "hydra_train.log").read_text()
-    assert "distributed init (rank 0)" in log and "distributed init (rank 1)" in log
+    log = (tmp_path / "rank0" / "hydra_train.log").read_text()
+    assert "distributed init (rank 1)" in (tmp_path / "rank1" / "hydra_train.log").read_text()
+    assert "'encoder_layerdrop': 0.05" in log
     # 6 training clips in batches of 2: one process takes 3 batches per epoch, each of two ranks 2.
     epochs = [
         json.loads(line.split(" - ", 1)[1])["epoch"] for line in log.splitlines() if "][train_inner][" in line
     ]
     assert epochs[:2] == [1, 1] and 2 in epochs
-    assert final_updates(save_dir / "checkpoint_last.pt") == 3
+    ranks = [read_checkpoint(tmp_path / f"rank{rank}" / "checkpoint_last.pt") for rank in (0, 1)]
+    assert [r["optimizer_history"][-1]["num_updates"] for r in ranks] == [10, 10]
+    start = read_checkpoint(corpus / "init.pt")["model"]
+    first, second = (r["model"] for r in ranks)
+    assert first.keys() == second.keys() == start.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    transformer = [name for name in first if name.startswith("encoder.layers.")]
+    assert all(not torch.equal(first[name], start[name]) for name in transformer)
+    counts = [json.loads((tmp_path / f"layers_run{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(c["layers"] == 2 * 10 for c in counts)  # 2 layers, one forward per update
+    assert any(c["ran"] < c["layers"] for c in counts), f"layerdrop skipped no layer: {counts}"

@@ -1,0 +1,31 @@
+"""Write a randomly initialised MERT checkpoint (fairseq .pt) from a model YAML.
+
+    python scripts/init_model.py --config configs/model/tiny.yaml --out runs/tiny_init.pt --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from culturemert.checkpoint import save_fairseq
+from culturemert.cli import command
+from culturemert.training.start import random_start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, required=True, help="model YAML (configs/model/*.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    start = random_start(args.config, args.seed)
+    save_fairseq(args.out, start.cfg, start.state)
+    count = sum(value.numel() for value in start.state.values())
+    print(f"wrote {args.out}: random MERT ({count:,} parameters, seed {args.seed})")
+    return 0
+
+
+entry = command(main, "init_model")

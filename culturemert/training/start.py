@@ -1,0 +1,108 @@
+"""The start checkpoint of a run: INIT as published, made into the ``.pt`` fairseq starts from.
+
+INIT is a fairseq ``.pt`` (ours, or the released ``MERT-v1-95M_fairseq.pt`` with its plain-dict
+config, codeword blocks of 1,028 rows and nnAudio CQT kernel buffers) or an HF folder (thesis
+3.2). It is read once: its configuration fixes the architecture of every stage, and its weights
+are written with `save_fairseq` into the run folder. Derived buffers (the CQT kernels, which the
+task recomputes) are dropped and logged; every learned tensor is kept or the start is refused.
+An HF folder has no pre-training heads: they are freshly initialised, logged, and stage 1 then
+trains them beside the CNN and the codeword embeddings (`trainable_patterns`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+from culturemert.checkpoint import (
+    DERIVED_PREFIXES,
+    CheckpointError,
+    build_and_load,
+    fresh_heads,
+    read_fairseq,
+    read_hf,
+    save_fairseq,
+)
+from culturemert.hf_format import HEAD_PREFIXES
+from culturemert.models.mert import MertConfig, MertModel
+from culturemert.training.fingerprint import sha256_file, sha256_files
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Start:
+    """What a run starts from: the architecture, the weights, and the names of the tensors that
+    were freshly initialised for it (the heads of an HF folder)."""
+
+    cfg: MertConfig
+    state: dict[str, torch.Tensor]
+    fresh: list[str]
+
+    def trainable_patterns(self) -> list[str]:
+        """Parameter patterns stage 1 adds to its own: the fresh heads (none from a ``.pt``)."""
+        return [
+            re.escape(prefix) + ".*"
+            for prefix in HEAD_PREFIXES
+            if any(n.startswith(prefix) for n in self.fresh)
+        ]
+
+    def write(self, out: Path) -> None:
+        """Write the start checkpoint, unless a rerun of the same fingerprint already did."""
+        if not out.exists():
+            save_fairseq(out, self.cfg, self.state)
+
+
+def identify(init: Path) -> dict:
+    """Content hash of INIT for the run's fingerprint: the file, or an HF folder's config.json
+    and weights."""
+    if init.is_dir():
+        files = [init / name for name in ("config.json", "model.safetensors", "pytorch_model.bin")]
+        return {"path": str(init), "sha256": sha256_files([f for f in files if f.is_file()], init)}
+    if not init.is_file():
+        raise CheckpointError(
+            f"start checkpoint {init} not found: get MERT-v1-95M_fairseq.pt (README, 'Weights') or set INIT "
+            "to a fairseq .pt or a Hugging Face folder"
+        )
+    return {"path": str(init), "sha256": sha256_file(init)}
+
+
+def random_start(config: Path, seed: int) -> Start:
+    """A randomly initialised MERT of a model YAML (configs/model/*.yaml)."""
+    values = yaml.safe_load(config.read_text()) or {}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(MertConfig)})
+    if unknown:
+        raise CheckpointError(f"{config}: unknown model fields {', '.join(unknown)}")
+    cfg = MertConfig(**values)
+    torch.manual_seed(seed)
+    return Start(cfg, MertModel(cfg).state_dict(), [])
+
+
+def load_start(init: Path, seed: int = 0) -> Start:
+    """INIT read once: derived buffers dropped (logged), fresh heads for an HF folder (seeded,
+    logged), and every key and shape checked against the model it describes."""
+    if init.is_dir():
+        cfg, state = read_hf(init)
+        torch.manual_seed(seed)
+        heads = fresh_heads(cfg)
+        logger.info(
+            "%s is an HF folder without pre-training heads: initialised %s; stage 1 trains them",
+            init,
+            ", ".join(sorted(heads)),
+        )
+        state, fresh = {**state, **heads}, sorted(heads)
+    else:
+        cfg, state = read_fairseq(init, mmap=True)
+        derived = sorted(k for k in state if k.startswith(DERIVED_PREFIXES))
+        if derived:
+            logger.info(
+                "%s: dropped derived buffers (the task recomputes them): %s", init, ", ".join(derived)
+            )
+        state, fresh = {k: v for k, v in state.items() if k not in derived}, []
+    build_and_load(str(init), cfg, state)
+    return Start(cfg, state, fresh)
