@@ -340,14 +340,38 @@ class MertModel(BaseFairseqModel):
         }
 
     def hidden_states(
-        self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None, layers: int | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """The ``encoder_layers + 1`` hidden states [B, frames, C] used for probing (SPEC §1).
+        """Hidden states 0..``layers`` [B, frames, C] used for probing (thesis 3.2, 3.5.2); all
+        ``encoder_layers + 1`` by default.
 
         ``wav`` [B, samples] float audio at 24 kHz; ``padding_mask`` [B, samples], True where a
-        sample is padding. No masking; call ``model.eval()`` first for deterministic features.
+        sample is padding. No masking. In eval mode without padding this is `inference_states`
+        (no pre-training work, no layers above ``layers``); otherwise the training ``forward``.
         """
-        return tuple(self.forward(wav, padding_mask, mask=False)["hidden_states"])
+        if not self.training and padding_mask is None:
+            return self.inference_states(wav, layers)
+        states = self.forward(wav, padding_mask, mask=False)["hidden_states"]
+        return tuple(states if layers is None else states[: layers + 1])
+
+    def inference_states(self, wav: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Hidden states 0..``layers`` of ``wav`` [B, samples] (all by default) in eval mode: the
+        states of ``forward(wav, mask=False)`` without the pre-training work (feature penalty,
+        masking, heads, padding) and without the layers above ``layers``."""
+        if self.training:
+            raise RuntimeError("inference_states needs model.eval()")
+        layers = self.cfg.encoder_layers if layers is None else layers
+        if not 0 <= layers <= self.cfg.encoder_layers:
+            raise ValueError(f"layers={layers}: choose 0..{self.cfg.encoder_layers}")
+        encoder = self.encoder
+        x = self.post_extract_proj(self.layer_norm(self.feature_extractor(wav).transpose(1, 2)))
+        x = x + encoder.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if not encoder.layer_norm_first:
+            x = encoder.layer_norm(x)
+        states = [x]
+        for layer in encoder.layers[:layers]:
+            states.append(layer(states[-1], None))
+        return tuple(states)
 
     def codeword_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine-similarity logits [N, codebooks, codeword_rows] for frames ``x`` [N, C].
