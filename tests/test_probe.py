@@ -17,11 +17,12 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import script_main
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from culturemert.audio import SAMPLE_RATE
 from culturemert.checkpoint import save_fairseq
+from culturemert.cli import run as run_cli
+from culturemert.cli.probe import main as probe_main
 from culturemert.models.mert import MertConfig, MertModel
 from culturemert.music_corpus import render_collection
 from culturemert.probing import features as features_module
@@ -38,6 +39,12 @@ from culturemert.probing.tasks import (
     load_task,
     top_tags,
 )
+
+
+def probe_cli(argv: list[str]) -> int:
+    """The probe command as the entry point runs it: a user error is status 2."""
+    return run_cli(probe_main, "probe", argv)
+
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = REPO.parent / "shared" / "data" / "ccml_splits"
@@ -88,7 +95,7 @@ def cache(tagged, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("features") / "cache"
     args = ["extract", "--model", str(model), "--task", str(task_file), "--audio-root", str(audio)]
     args += ["--out", str(out), "--window-seconds", str(WINDOW), "--name", "tiny", "--no-progress"]
-    assert script_main("probe")(args) == 0
+    assert probe_cli(args) == 0
     return out
 
 
@@ -199,13 +206,13 @@ def test_a_task_with_an_id_missing_from_the_audio_root_is_refused_by_name(tagged
     with pytest.raises(TaskError, match="ghost-0001"):
         find_audio(load_csv_task(task_file), audio)
     args = ["extract", "--model", str(model), "--task", str(task_file), "--audio-root", str(audio)]
-    assert script_main("probe")([*args, "--out", str(tmp_path / "cache")]) == 2
+    assert probe_cli([*args, "--out", str(tmp_path / "cache")]) == 2
     error = capsys.readouterr().err
     assert "holey" in error and "ghost-0001" in error and str(audio) in error and "Traceback" not in error
     assert not (tmp_path / "cache").exists()
 
     args += ["--out", str(tmp_path / "cache"), "--skip-missing", "--no-progress"]
-    assert script_main("probe")(args) == 0
+    assert probe_cli(args) == 0
     meta = FeatureCache.open(tmp_path / "cache").meta
     assert meta["ids"] == ["bach-0000", "essen-0000"] and meta["skipped_missing_audio"] == ["ghost-0001"]
 
@@ -264,7 +271,7 @@ def test_extraction_resumes_after_a_crash_and_matches_an_uninterrupted_run(tagge
 def test_a_probe_on_rendered_music_beats_chance_and_reports_scikit_learns_metrics(cache, tmp_path):
     run = tmp_path / "all"
     args = ["fit", "--features", str(cache), "--layer", "all", "--out", str(run), "--no-progress"]
-    assert script_main("probe")([*args, "--seeds", "2", "--max-epochs", "30", "--lrs", "1e-3", "1e-2"]) == 0
+    assert probe_cli([*args, "--seeds", "2", "--max-epochs", "30", "--lrs", "1e-3", "1e-2"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["mean"]["roc_auc"] >= 0.70, results["mean"]
     assert results["model"] == "tiny" and results["task"] == "rendered" and results["layer"] == "all"
@@ -360,7 +367,7 @@ def test_report_tables_pick_layers_on_validation_and_draw_every_plot(tmp_path, c
     assert lambda_of("lambda_0.25") == 0.25 and lambda_of("CultureMERT") is None
 
     # and from real fit runs through the CLI
-    main = script_main("probe")
+    main = probe_cli
     for layer in ("0", "2"):
         args = ["fit", "--features", str(cache), "--layer", layer, "--out", str(tmp_path / "fit" / layer)]
         assert main([*args, "--seeds", "1", "--max-epochs", "5", "--lrs", "1e-3", "--no-progress"]) == 0

@@ -156,6 +156,13 @@ def _as_is(item: tuple[int, list[np.ndarray] | str]) -> tuple[int, list[np.ndarr
     return item
 
 
+def default_model_name(model_path: Path) -> str:
+    """A report name for a model: a checkpoint's stem, or an HF folder with its parent (``runs/a/hf``
+    is ``a/hf``), so the HF folders of two runs get different names."""
+    model_path = model_path.resolve()
+    return f"{model_path.parent.name}/{model_path.name}" if model_path.is_dir() else model_path.stem
+
+
 def receptive_field(model: MertModel) -> int:
     """The fewest samples the conv stack turns into one frame (400 for MERT-v1-95M)."""
     samples = 1
@@ -335,7 +342,7 @@ def extract_features(
         "task": task.name,
         "task_sha256": task.checksum(),
         "audio_sha256": audio_sha256(audio_files, out_dir, FeatureCacheError),
-        "model": model_name or model_path.stem,
+        "model": model_name or default_model_name(model_path),
         "model_sha256": model_sha256(model_path),
         "normalize": normalize,
         "max_seconds": task.max_seconds,
