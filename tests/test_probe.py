@@ -1,7 +1,7 @@
 """Probing (scripts/probe.py, culturemert.probing): task loaders on the published splits, the chunk
 rule, resumable feature extraction, the MLP probe and its metrics, and the report.
 
-The end-to-end probe runs on real music rendered offline (music21 scores, SPEC §7) tagged with its
+The end-to-end probe runs on real music rendered offline (music21 scores) tagged with its
 collection and General-MIDI instrument, encoded by a randomly initialised tiny MERT.
 """
 

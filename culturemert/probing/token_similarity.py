@@ -41,14 +41,13 @@ def code_histograms(cache_dir: PathLike) -> np.ndarray:
 def teacher_histograms(cache_dirs: Sequence[PathLike]) -> list[np.ndarray]:
     """`code_histograms` of each cache, refusing caches made by different teachers."""
     caches = [_open(path) for path in cache_dirs]
-    teachers = {json.dumps(cache.meta.get("teacher"), sort_keys=True) for cache in caches}
-    if len(teachers) > 1:
-        by_teacher = {}
-        for cache in caches:
-            by_teacher.setdefault(json.dumps(cache.meta.get("teacher"), sort_keys=True), []).append(cache.out_dir)
+    by_teacher: dict[str, list[Path]] = {}
+    for cache in caches:
+        by_teacher.setdefault(json.dumps(cache.meta.get("teacher"), sort_keys=True), []).append(cache.out_dir)
+    if len(by_teacher) > 1:
         groups = "; ".join(f"{listing(paths)} by teacher {teacher}" for teacher, paths in by_teacher.items())
         raise SimilarityError(
-            f"the token caches were made by {len(teachers)} different teachers ({groups}); extract all "
+            f"the token caches were made by {len(by_teacher)} different teachers ({groups}); extract all "
             "of them with the same teacher (extract_tokens.py --encodec, or --save-teacher once)"
         )
     return [_count_codes(cache) for cache in caches]

@@ -175,7 +175,8 @@ class TokenCache:
             audio = audio_sha256(_audio_files(manifest), out_dir, TokenCacheError, update=False)
             if meta.get("audio_sha256") != audio:
                 raise TokenCacheError(
-                    f"{meta_path} was built from other audio than {manifest.path} lists; {rebuild}"
+                    f"{meta_path} was built from other audio than {manifest.path} lists (or before audio "
+                    f"fingerprints were recorded); {rebuild}"
                 )
         return cls(out_dir, codes, offsets, meta)
 
