@@ -61,33 +61,35 @@ def _entry(path: Path, known: dict[str, list]) -> list | None:
     return [stat.st_size, stat.st_mtime_ns, file_sha256(path)]
 
 
-def audio_sha256(
-    files: Sequence[PathLike], cache_dir: Path, error: type[UserError], update: bool = True
-) -> str:
-    """One sha256 over the contents of `files` (in order; a missing file counts as missing).
+def audio_sha256(files: Sequence[PathLike], cache_dir: Path, error: type[UserError]) -> tuple[str, dict]:
+    """One sha256 over the contents of `files` (in order; a missing file counts as missing), and
+    the per-file record to keep with `save_record` once the caller accepts the cache's state.
 
     Raises `error` naming the files whose content differs from the record ``audio.json`` in
-    `cache_dir` (left by an earlier run, complete or not), so no earlier work is reused for other
-    audio. With `update` the record is then (re)written for the next run.
+    `cache_dir` (left by an earlier run, complete or not, on the same files), so no earlier work
+    is reused for other audio. A record of other files (another manifest or task) only saves no
+    hashing: the caller compares the digest with the one its cache recorded.
     """
-    record = cache_dir / AUDIO_RECORD
-    recorded = json.loads(record.read_text()) if record.is_file() else {}
+    path = cache_dir / AUDIO_RECORD
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
     entries = [_entry(Path(file), recorded) for file in files]
-    if recorded:
+    if set(recorded) == {str(file) for file in files}:
         changed = [
             str(file)
             for file, entry in zip(files, entries)
-            if (entry and entry[2]) != (recorded.get(str(file)) or [None] * 3)[2]
+            if (entry and entry[2]) != (recorded[str(file)] or [None] * 3)[2]
         ]
-        if changed or len(recorded) != len({str(file) for file in files}):
-            changed = changed or sorted(set(recorded) - {str(file) for file in files})
+        if changed:
             raise error(
-                f"{cache_dir} was made from other audio: {listing(changed)} changed, appeared or went "
-                f"missing since; delete {cache_dir} or pass another --out"
+                f"{cache_dir} was made from other audio: {listing(changed)} changed or went missing "
+                f"since; delete {cache_dir} or pass another --out"
             )
-    if update:
-        write_json_atomically(record, {str(file): entry for file, entry in zip(files, entries)})
     digest = hashlib.sha256()
     for entry in entries:
         digest.update((entry[2] if entry else "missing").encode())
-    return digest.hexdigest()
+    return digest.hexdigest(), {str(file): entry for file, entry in zip(files, entries)}
+
+
+def save_record(cache_dir: Path, record: dict) -> None:
+    """Keep the per-file record of `audio_sha256` in `cache_dir` for the next run's check."""
+    write_json_atomically(cache_dir / AUDIO_RECORD, record)

@@ -49,7 +49,7 @@ from culturemert.audio import SAMPLE_RATE, AudioError, load_audio
 from culturemert.checkpoint import load_model
 from culturemert.errors import UserError, listing
 from culturemert.files import write_atomically, write_json_atomically
-from culturemert.fingerprint import audio_sha256, model_sha256
+from culturemert.fingerprint import audio_sha256, model_sha256, save_record
 from culturemert.models.mert import MertModel, conv_output_lengths
 from culturemert.parts import Parts
 from culturemert.probing.chunking import MIN_LAST_SECONDS, WINDOW_SECONDS, recording_chunks
@@ -337,11 +337,11 @@ def extract_features(
     model_path = Path(model_path)
     if not model_path.exists():
         raise FeatureCacheError(f"{model_path}: no such model; pass a fairseq .pt file or an HF folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    audio, record = audio_sha256(audio_files, out_dir, FeatureCacheError)
     settings = {
         "task": task.name,
         "task_sha256": task.checksum(),
-        "audio_sha256": audio_sha256(audio_files, out_dir, FeatureCacheError),
+        "audio_sha256": audio,
         "model": model_name or default_model_name(model_path),
         "model_sha256": model_sha256(model_path),
         "normalize": normalize,
@@ -360,6 +360,7 @@ def extract_features(
         for first in range(0, len(task), part_recordings)
     ]
     store = Parts(out_dir / ".partial", len(parts), settings, FeatureCacheError)
+    save_record(out_dir, record)
     pending = store.pending()
     device = torch.device(device)
     model = load_model(model_path, device)

@@ -42,7 +42,7 @@ from culturemert.audio import FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, AudioError, a
 from culturemert.data.manifest import Manifest, read_manifest
 from culturemert.errors import UserError
 from culturemert.files import write_atomically, write_json_atomically
-from culturemert.fingerprint import audio_sha256
+from culturemert.fingerprint import audio_sha256, save_record
 from culturemert.parts import Parts
 from culturemert.targets.encodec_teacher import (
     BANDWIDTH,
@@ -100,11 +100,11 @@ def build_token_cache(
         raise TokenCacheError(f"chunk_seconds={chunk_seconds} must be a positive whole number of frames")
     if batch_seconds <= 0:
         raise TokenCacheError(f"batch_seconds={batch_seconds} must be positive")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    audio, record = audio_sha256(_audio_files(manifest), out_dir, TokenCacheError)
     settings = {
         "teacher": teacher.identity,
         "manifest_sha256": manifest.checksum(),
-        "audio_sha256": audio_sha256(_audio_files(manifest), out_dir, TokenCacheError),
+        "audio_sha256": audio,
         "batch_seconds": batch_seconds,
         "chunk_seconds": chunk_seconds,
         "context_seconds": CONTEXT_SECONDS,
@@ -117,6 +117,7 @@ def build_token_cache(
     batch_samples = round(batch_seconds * SAMPLE_RATE)
     parts = _parts(manifest.num_samples, batch_samples)
     store = Parts(out_dir / ".partial", len(parts), settings, TokenCacheError)
+    save_record(out_dir, record)
     seconds = [float(manifest.num_samples[rows].sum()) / SAMPLE_RATE for rows in parts]
     todo = store.pending()
     with tqdm(
@@ -172,7 +173,7 @@ class TokenCache:
                     f"{meta_path} was built from {meta['manifest']}, whose contents differ from "
                     f"{manifest.path}; {rebuild}"
                 )
-            audio = audio_sha256(_audio_files(manifest), out_dir, TokenCacheError, update=False)
+            audio, _ = audio_sha256(_audio_files(manifest), out_dir, TokenCacheError)
             if meta.get("audio_sha256") != audio:
                 raise TokenCacheError(
                     f"{meta_path} was built from other audio than {manifest.path} lists (or before audio "
