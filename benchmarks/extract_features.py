@@ -1,15 +1,18 @@
 """Feature extraction speed: ``MertModel.hidden_states`` vs transformers' ``HubertModel``.
 
 Both hold the same randomly initialised MERT-v1-95M weights (converted through the HF format)
-and return all 13 hidden states for batches of 5 s clips, in eval mode without gradients.
-Prints the median clips per second of each and their ratio, on the CPU and on CUDA when present.
+and return all 13 hidden states for batches of 30 s windows (the probing chunk), in eval mode
+under ``torch.inference_mode``. Prints the median clips per second of each, their ratio, the
+largest difference between their hidden states and the machine's load average, on the CPU and
+on CUDA when present.
 
-    python benchmarks/extract_features.py [--batch 4] [--repeats 5] [--threads 2]
+    python benchmarks/extract_features.py [--batch 2] [--repeats 3] [--threads 1] [--seconds 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -44,8 +47,9 @@ def clips_per_second(forwards: dict, wav: torch.Tensor, repeats: int) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=30.0, help="window length")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,12 +62,15 @@ def main() -> None:
         theirs = HubertModel.from_pretrained(Path(tmp) / "hf").eval()
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"5 s clips, batch {args.batch}, {args.repeats} timed batches, {args.threads} CPU threads")
-    print(f"{'device':<8}{'culturemert clips/s':>22}{'transformers clips/s':>22}{'ratio':>8}")
+    print(
+        f"{args.seconds:g} s clips, batch {args.batch}, {args.repeats} timed batches, {args.threads} CPU "
+        f"threads, load average {' '.join(f'{load:.2f}' for load in os.getloadavg())} before"
+    )
+    print(f"{'device':<8}{'culturemert clips/s':>22}{'transformers clips/s':>22}{'ratio':>8}{'max diff':>10}")
     for device in devices:
         ours.to(device)
         theirs.to(device)
-        wav = torch.randn(args.batch, 120_000, device=device)
+        wav = torch.randn(args.batch, round(args.seconds * 24_000), device=device)
         speed = clips_per_second(
             {
                 "culturemert": ours.hidden_states,
@@ -72,8 +79,15 @@ def main() -> None:
             wav,
             args.repeats,
         )
+        with torch.inference_mode():
+            pairs = zip(ours.hidden_states(wav), theirs(wav, output_hidden_states=True).hidden_states)
+            difference = max((a - b).abs().max().item() for a, b in pairs)
         ours_speed, theirs_speed = speed["culturemert"], speed["transformers"]
-        print(f"{device:<8}{ours_speed:>22.2f}{theirs_speed:>22.2f}{ours_speed / theirs_speed:>8.2f}")
+        print(
+            f"{device:<8}{ours_speed:>22.3f}{theirs_speed:>22.3f}{ours_speed / theirs_speed:>8.2f}"
+            f"{difference:>10.1e}"
+        )
+    print(f"load average {' '.join(f'{load:.2f}' for load in os.getloadavg())} after")
 
 
 if __name__ == "__main__":

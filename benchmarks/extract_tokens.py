@@ -1,4 +1,4 @@
-"""Token extraction throughput and cache size (scripts/extract_tokens.py, SPEC §2).
+"""Token extraction throughput and cache size (scripts/extract_tokens.py; thesis 3.2).
 
 Renders about a minute of real music (music21 fiddle tunes, 30 s rows like the pre-training
 segments), builds a token cache from it on the CPU (and CUDA when present), and prints audio

@@ -95,25 +95,3 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     at_fdcwd, rename_exchange = -100, 2
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def part_path(partial: Path, index: int) -> Path:
-    """The file of part ``index`` of resumable work kept in the folder ``partial``."""
-    return partial / f"part-{index:06d}.npz"
-
-
-def start_or_resume(partial: Path, settings: dict, error: type[Exception]) -> None:
-    """Create ``partial`` (the folder of resumable work) with a record of its ``settings``, or
-    check that existing partial work was made with the same ones, raising ``error`` otherwise."""
-    record = partial / "settings.json"
-    if record.is_file():
-        previous = json.loads(record.read_text())
-        if previous != settings:
-            changed = sorted(key for key in settings if previous.get(key) != settings[key])
-            raise error(
-                f"{partial} holds partial work made with other {', '.join(changed)}; rerun with the "
-                f"same options to resume, or delete {partial} to start over"
-            )
-        return
-    partial.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(record, settings)

@@ -1,7 +1,7 @@
 """Probing (scripts/probe.py, culturemert.probing): task loaders on the published splits, the chunk
 rule, resumable feature extraction, the MLP probe and its metrics, and the report.
 
-The end-to-end probe runs on real music rendered offline (music21 scores, SPEC §7) tagged with its
+The end-to-end probe runs on real music rendered offline (music21 scores) tagged with its
 collection and General-MIDI instrument, encoded by a randomly initialised tiny MERT.
 """
 
@@ -17,11 +17,12 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import script_main
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from culturemert.audio import SAMPLE_RATE
 from culturemert.checkpoint import save_fairseq
+from culturemert.cli import run as run_cli
+from culturemert.cli.probe import main as probe_main
 from culturemert.data.splits import DEFAULT_SPLITS_ROOT
 from culturemert.models.mert import MertConfig, MertModel
 from culturemert.music_corpus import render_collection
@@ -40,6 +41,12 @@ from culturemert.probing.tasks import (
     top_tags,
 )
 
+
+def probe_cli(argv: list[str]) -> int:
+    """The probe command as the entry point runs it: a user error is status 2."""
+    return run_cli(probe_main, "probe", argv)
+
+
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = DEFAULT_SPLITS_ROOT  # the published splits, shipped with the package
 COLLECTIONS = ("bach", "fiddle", "essen")
@@ -47,10 +54,6 @@ PIECES = 20  # per collection
 SECONDS = 5.0
 WINDOW = 2.0  # short windows so each recording has several chunks: 5 s -> [0, 2), [2, 4), [4, 5)
 SPLIT_CYCLE = ("train", "train", "train", "valid", "test")
-
-needs_splits = pytest.mark.skipif(
-    not SPLITS.is_dir(), reason=f"the evaluation splits are not beside the repository ({SPLITS})"
-)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,7 +92,7 @@ def cache(tagged, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("features") / "cache"
     args = ["extract", "--model", str(model), "--task", str(task_file), "--audio-root", str(audio)]
     args += ["--out", str(out), "--window-seconds", str(WINDOW), "--name", "tiny", "--no-progress"]
-    assert script_main("probe")(args) == 0
+    assert probe_cli(args) == 0
     return out
 
 
@@ -133,7 +136,6 @@ def test_normalisation_matches_the_mert_processor():
 # --- tasks ------------------------------------------------------------------------------------
 
 
-@needs_splits
 def test_lyra_and_fma_load_from_the_published_splits_with_top_k_training_tags():
     lyra = load_task("lyra", SPLITS)
     counts = {split: len(lyra.rows(split)) for split in ("train", "valid", "test")}
@@ -153,7 +155,6 @@ def test_lyra_and_fma_load_from_the_published_splits_with_top_k_training_tags():
     assert fma.max_seconds is None
 
 
-@needs_splits
 def test_compmusic_and_magnatagatune_take_user_metadata(tmp_path):
     with pytest.raises(TaskError, match="--metadata"):
         load_task("makam", SPLITS)
@@ -200,13 +201,13 @@ def test_a_task_with_an_id_missing_from_the_audio_root_is_refused_by_name(tagged
     with pytest.raises(TaskError, match="ghost-0001"):
         find_audio(load_csv_task(task_file), audio)
     args = ["extract", "--model", str(model), "--task", str(task_file), "--audio-root", str(audio)]
-    assert script_main("probe")([*args, "--out", str(tmp_path / "cache")]) == 2
+    assert probe_cli([*args, "--out", str(tmp_path / "cache")]) == 2
     error = capsys.readouterr().err
     assert "holey" in error and "ghost-0001" in error and str(audio) in error and "Traceback" not in error
     assert not (tmp_path / "cache").exists()
 
     args += ["--out", str(tmp_path / "cache"), "--skip-missing", "--no-progress"]
-    assert script_main("probe")(args) == 0
+    assert probe_cli(args) == 0
     meta = FeatureCache.open(tmp_path / "cache").meta
     assert meta["ids"] == ["bach-0000", "essen-0000"] and meta["skipped_missing_audio"] == ["ghost-0001"]
 
@@ -265,7 +266,7 @@ def test_extraction_resumes_after_a_crash_and_matches_an_uninterrupted_run(tagge
 def test_a_probe_on_rendered_music_beats_chance_and_reports_scikit_learns_metrics(cache, tmp_path):
     run = tmp_path / "all"
     args = ["fit", "--features", str(cache), "--layer", "all", "--out", str(run), "--no-progress"]
-    assert script_main("probe")([*args, "--seeds", "2", "--max-epochs", "30", "--lrs", "1e-3", "1e-2"]) == 0
+    assert probe_cli([*args, "--seeds", "2", "--max-epochs", "30", "--lrs", "1e-3", "1e-2"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["mean"]["roc_auc"] >= 0.70, results["mean"]
     assert results["model"] == "tiny" and results["task"] == "rendered" and results["layer"] == "all"
@@ -361,7 +362,7 @@ def test_report_tables_pick_layers_on_validation_and_draw_every_plot(tmp_path, c
     assert lambda_of("lambda_0.25") == 0.25 and lambda_of("CultureMERT") is None
 
     # and from real fit runs through the CLI
-    main = script_main("probe")
+    main = probe_cli
     for layer in ("0", "2"):
         args = ["fit", "--features", str(cache), "--layer", layer, "--out", str(tmp_path / "fit" / layer)]
         assert main([*args, "--seeds", "1", "--max-epochs", "5", "--lrs", "1e-3", "--no-progress"]) == 0

@@ -572,7 +572,7 @@ def test_probe_extract_names_task_ids_missing_from_the_audio_root(clips, probe_m
 
     result = run_tool(probe_extract(probe_model, task, clips[0].parent, tmp_path / "features"))
 
-    (message,) = refusal(result, "probe.py extract")
+    (message,) = refusal(result, "probe")
     assert "absent-0001" in message and str(clips[0].parent) in message and "no audio file" in message
     assert not (tmp_path / "features").exists()
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import script_main
 
 from culturemert.audio import SAMPLE_RATE, AudioError, load_audio
+from culturemert.cli import run as run_cli
+from culturemert.cli.extract_tokens import main as extract_tokens_main
 from culturemert.compat import import_encodec
 from culturemert.data.manifest import read_manifest, write_manifest
 from culturemert.music_corpus import render_collection
@@ -29,6 +30,12 @@ from culturemert.targets.encodec_teacher import (
     TeacherError,
 )
 from culturemert.targets.token_cache import TokenCache, TokenCacheError, build_token_cache
+
+
+def extract_tokens_cli(argv: list[str]) -> int:
+    """The extract_tokens command as the entry point runs it: a user error is status 2."""
+    return run_cli(extract_tokens_main, "extract_tokens", argv)
+
 
 REPO = Path(__file__).resolve().parents[1]
 # Cache settings of these tests: each row is a part of its own and is encoded in one teacher call
@@ -207,7 +214,7 @@ def test_cli_missing_weights_exits_2_naming_the_file(tmp_path, manifest, capsys)
     missing = tmp_path / "weights" / CHECKPOINT_NAME
     arguments = ["--manifest", str(manifest), "--encodec", str(missing), "--out", str(tmp_path / "tokens")]
 
-    assert script_main("extract_tokens")(arguments) == 2
+    assert extract_tokens_cli(arguments) == 2
     (message,) = capsys.readouterr().err.splitlines()
     assert str(missing) in message and CHECKPOINT_URL in message
 
@@ -219,7 +226,7 @@ def test_cli_names_bad_audio_or_skips_it(tmp_path, manifest, teacher, weights, c
     mixed = tmp_path / "mixed.tsv"
     write_manifest(mixed, tmp_path, [("broken.wav", 24000), (rows.files[2], int(rows.num_samples[2]))])
     arguments = ["--manifest", str(mixed), "--encodec", str(weights[0]), "--out", str(tmp_path / "tokens")]
-    main = script_main("extract_tokens")
+    main = extract_tokens_cli
 
     assert main(arguments) == 2
     assert "broken.wav" in capsys.readouterr().err

@@ -12,13 +12,21 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import script_main, tiny_config
+from conftest import tiny_config
 
 from culturemert.checkpoint import save_fairseq
+from culturemert.cli import run as run_cli
+from culturemert.cli.token_similarity import main as token_similarity_main
 from culturemert.data.manifest import write_manifest
 from culturemert.models.mert import MertModel, conv_output_lengths
 from culturemert.music_corpus import render_collection
 from culturemert.probing.token_similarity import code_histograms, pairwise_distances
+
+
+def token_similarity_cli(argv: list[str]) -> int:
+    """The token_similarity command as the entry point runs it: a user error is status 2."""
+    return run_cli(token_similarity_main, "token_similarity", argv)
+
 
 REPO = Path(__file__).resolve().parents[1]
 CODEBOOKS, CODES = 8, 1024
@@ -82,7 +90,7 @@ def test_cli_writes_csv_matrices_and_heatmaps(caches, tmp_path, capsys):
     out = tmp_path / "report"
     paths = [str(path) for path in caches.values()]
     args = ["--caches", *paths, "--names", "A", "B", "C", "--out", str(out)]
-    assert script_main("token_similarity")(args) == 0
+    assert token_similarity_cli(args) == 0
     for stem in ("js_divergence", "cosine_distance"):
         assert (out / f"{stem}.png").stat().st_size > 0
         with (out / f"{stem}.csv").open() as handle:
@@ -93,7 +101,7 @@ def test_cli_writes_csv_matrices_and_heatmaps(caches, tmp_path, capsys):
     assert np.load(out / "histograms.npz")["counts"].shape == (3, CODEBOOKS, CODES)
 
     (caches["c"] / "meta.json").unlink()
-    assert script_main("token_similarity")(["--caches", *paths, "--out", str(out)]) == 2
+    assert token_similarity_cli(["--caches", *paths, "--out", str(out)]) == 2
     assert "no meta.json" in capsys.readouterr().err
 
 
@@ -115,7 +123,7 @@ def test_semantic_tokens_cluster_one_layer_of_the_caches_audio(tmp_path):
     out = tmp_path / "semantic"
     args = ["--semantic", "--model", str(tmp_path / "tiny.pt"), "--layer", "1", "--k", "8"]
     args += ["--caches", *map(str, caches), "--names", "bach", "fiddle", "--out", str(out)]
-    assert script_main("token_similarity")(args) == 0
+    assert token_similarity_cli(args) == 0
     counts = np.load(out / "semantic_histograms.npz")["counts"]
     assert counts.shape == (2, 1, 8)
     assert counts.sum(axis=(1, 2)).tolist() == [frames for _, frames in manifests]  # every frame assigned

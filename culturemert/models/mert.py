@@ -149,6 +149,30 @@ def conv_output_lengths(lengths: torch.Tensor, conv_layers: list[tuple[int, int,
     return lengths
 
 
+def conv_group_norm(wav: torch.Tensor, conv: nn.Conv1d, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm(conv(wav[:, None]))`` [B, C, T] for a single-input-channel ``conv`` (no padding)
+    and a per-channel GroupNorm, as one matrix product over the unfolded windows of ``wav``.
+
+    The conv output of channel c is w_c . u_t for window u_t, so its mean over time is w_c . mean(u)
+    and its variance w_c' Cov(u) w_c: the norm's statistics come from the K x K window covariance
+    (in float64), and its scale and shift fold into the conv weights. The conv bias cancels in
+    the norm. This skips writing and re-reading the largest tensor of the model (C x T for
+    T = samples / stride) and equals the two modules within float32 rounding."""
+    (kernel,), (stride,) = conv.kernel_size, conv.stride
+    batch, samples = wav.shape
+    frames = (samples - kernel) // stride + 1
+    windows = wav.contiguous().as_strided((batch, kernel, frames), (samples, 1, stride))
+    weight = conv.weight[:, 0, :].double()
+    mean_window = windows.double().mean(dim=2)
+    centered = windows.double() - mean_window[:, :, None]
+    covariance = centered @ centered.transpose(1, 2) / frames
+    variance = torch.einsum("ck,bkl,cl->bc", weight, covariance, weight)
+    scale = norm.weight.double() / torch.sqrt(variance + norm.eps)
+    shift = norm.bias.double() - (mean_window @ weight.T) * scale
+    folded = (weight[None] * scale[:, :, None]).to(wav.dtype)
+    return torch.baddbmm(shift.to(wav.dtype)[:, :, None], folded, windows)
+
+
 class WeightNormConv1d(nn.Module):
     """Grouped 1-D convolution with weight normalisation over dim 2, fairseq's parameter names
     (``weight_g`` [1, 1, K], ``weight_v``, ``bias``); 'same' output length for even kernels."""
@@ -376,14 +400,53 @@ class MertModel(BaseFairseqModel):
         return x
 
     def hidden_states(
-        self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None, layers: int | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """The ``encoder_layers + 1`` hidden states [B, frames, C] used for probing (thesis 3.5.2).
+        """Hidden states 0..``layers`` [B, frames, C] used for probing (thesis 3.2, 3.5.2); all
+        ``encoder_layers + 1`` by default.
 
         ``wav`` [B, samples] float audio at 24 kHz; ``padding_mask`` [B, samples], True where a
-        sample is padding. No masking; call ``model.eval()`` first for deterministic features.
+        sample is padding. No masking. In eval mode without padding this is `inference_states`
+        (no pre-training work, no layers above ``layers``); otherwise the training ``forward``.
         """
-        return tuple(self.forward(wav, padding_mask, mask=False)["hidden_states"])
+        if not self.training and padding_mask is None:
+            return self.inference_states(wav, layers)
+        states = self.forward(wav, padding_mask, mask=False)["hidden_states"]
+        return tuple(states if layers is None else states[: layers + 1])
+
+    def inference_conv_features(self, wav: torch.Tensor) -> torch.Tensor:
+        """``feature_extractor(wav)`` [B, C, frames] for inference: the first block's conv and
+        GroupNorm (fairseq's "default" mode: conv, dropout, per-channel norm, GELU) computed by
+        `conv_group_norm`, the other blocks as they are."""
+        first, *rest = self.feature_extractor.conv_layers
+        conv, norm = first[0], first[2] if len(first) == 4 else None
+        if not (
+            isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels and conv.in_channels == 1
+        ):
+            return self.feature_extractor(wav)
+        x = first[3](conv_group_norm(wav, conv, norm))
+        for block in rest:
+            x = block(x)
+        return x
+
+    def inference_states(self, wav: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Hidden states 0..``layers`` of ``wav`` [B, samples] (all by default) in eval mode: the
+        states of ``forward(wav, mask=False)`` without the pre-training work (feature penalty,
+        masking, heads, padding) and without the layers above ``layers``."""
+        if self.training:
+            raise RuntimeError("inference_states needs model.eval()")
+        layers = self.cfg.encoder_layers if layers is None else layers
+        if not 0 <= layers <= self.cfg.encoder_layers:
+            raise ValueError(f"layers={layers}: choose 0..{self.cfg.encoder_layers}")
+        encoder = self.encoder
+        x = self.post_extract_proj(self.layer_norm(self.inference_conv_features(wav).transpose(1, 2)))
+        x = x + encoder.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if not encoder.layer_norm_first:
+            x = encoder.layer_norm(x)
+        states = [x]
+        for layer in encoder.layers[:layers]:
+            states.append(layer(states[-1], None))
+        return tuple(states)
 
     def codeword_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine-similarity logits [N, codebooks, codeword_rows] in float32 for frames ``x`` [N, C].

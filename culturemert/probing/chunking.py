@@ -1,8 +1,8 @@
-"""From a recording to the chunks the frozen model encodes (SPEC §5; thesis 3.5.2).
+"""From a recording to the chunks the frozen model encodes (thesis 3.5.2).
 
 1. Cut: only the first ``max_seconds`` of a recording are used (the per-dataset maximum duration
    of `tasks.MAX_SECONDS`: Makam 150 s, Hindustani 780 s, Carnatic 330 s; others uncut).
-2. Normalise (an option, off by default as in pre-training; SPEC §1): the whole cut recording
+2. Normalise (an option, off by default as in pre-training; thesis 3.2): the whole cut recording
    is scaled to zero mean and unit variance, as the MERT processor does to its input
    (transformers' ``Wav2Vec2FeatureExtractor``: (x - mean) / sqrt(var + 1e-7)).
 3. Chunk: non-overlapping windows of ``window_seconds`` (30 s) starting every window, MARBLE's

@@ -1,9 +1,11 @@
-"""Frozen-model features of a probing task, extracted once into a cache folder (SPEC §5).
+"""Frozen-model features of a probing task, extracted once into a cache folder (thesis 3.5.2).
 
-Every recording is cut, optionally normalised and chunked (`chunking`); each chunk is encoded by
-the frozen model in eval mode and each of its hidden states (13 for MERT-v1-95M: the transformer
-input and the 12 layer outputs) is mean-pooled over the chunk's frames. Chunks of equal length are
-batched together and nothing is padded: the first conv layer's GroupNorm normalises over time, so
+Every recording is decoded block-wise up to its duration cut (`culturemert.audio.load_audio`, so
+memory is bounded by the cut, not the file), optionally normalised and chunked (`chunking`); each
+chunk is encoded by the frozen model in eval mode (`MertModel.hidden_states`, float32) and each of
+its hidden states (13 for MERT-v1-95M: the transformer input and the 12 layer outputs) is
+mean-pooled over the chunk's frames. Chunks of equal length are batched together, across
+recordings, and nothing is padded: the first conv layer's GroupNorm normalises over time, so
 padding would change the features of the shorter chunks.
 
 A cache folder holds
@@ -11,38 +13,45 @@ A cache folder holds
 - ``features.npy``: float16 [chunks, layers, dim], memory-mapped by the probe;
 - ``chunk_recording.npy``: int64 [chunks], the task row each chunk comes from (rows in order);
 - ``labels.npy``: uint8 [recordings, tags];
+- ``audio.json``: the size, mtime and sha256 of every audio file (`culturemert.fingerprint`);
 - ``meta.json``: the task (name, checksum, ids, splits, tags), the model (name, path, sha256),
-  the chunking and normalisation settings, the shapes and the ids skipped for missing audio. It is
-  written last, so its presence means the cache is complete. The model is identified by its
-  sha256, so a moved checkpoint still matches its cache.
+  the sha256 of the audio's contents, the chunking and normalisation settings, the precision,
+  the shapes and the ids skipped for missing or unusable audio. It is written last, so its
+  presence means the cache is complete. The model is identified by its sha256, so a moved
+  checkpoint still matches its cache and reports tell two models of one folder name apart.
 
-Resuming: recordings are grouped into parts of ``part_recordings`` in task order; each finished
-part is written atomically to ``.partial/part-NNNNNN.npz`` beside ``.partial/settings.json``, and a
-rerun with the same settings encodes only the missing parts (after an exception or a SIGKILL
-alike). A part is encoded the same way whatever happened before it, so the result equals that of
-an uninterrupted run.
+Never non-finite: a model with NaN or infinite weights is refused before any work, and a pooled
+feature that is not finite or beyond float16's range (65504) stops the extraction with the
+recording's id; a cache marked complete holds only finite values.
+
+Bad audio (corrupt, truncated, or shorter than the conv stack's receptive field) is an error
+naming the file, or, with ``skip_bad``, a recording dropped from the cache and listed in
+meta.json with the reason.
+
+Resuming (`culturemert.parts`): recordings are grouped into parts of ``part_recordings`` in task
+order; a rerun with the same settings encodes only the parts not yet written. A part is encoded
+the same way whatever happened before it, so the result equals that of an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from culturemert.audio import SAMPLE_RATE, load_audio
+from culturemert.audio import SAMPLE_RATE, AudioError, load_audio
 from culturemert.checkpoint import load_model
-from culturemert.errors import UserError
-from culturemert.files import part_path, start_or_resume, write_atomically, write_json_atomically
-from culturemert.models.mert import MertModel
+from culturemert.errors import UserError, listing
+from culturemert.files import write_atomically, write_json_atomically
+from culturemert.fingerprint import audio_sha256, model_sha256, save_record
+from culturemert.models.mert import MertModel, conv_output_lengths
+from culturemert.parts import Parts
 from culturemert.probing.chunking import MIN_LAST_SECONDS, WINDOW_SECONDS, recording_chunks
 from culturemert.probing.tasks import Task
 
@@ -50,26 +59,14 @@ PART_RECORDINGS = 256
 BATCH_SIZE = 8
 PENDING_BATCHES = 8  # chunks waiting for a same-length partner are encoded once this many batches wait
 FEATURE_DTYPE = "<f2"
-HASH_BLOCK = 1 << 24
+FEATURE_MAX = float(np.finfo(np.float16).max)
+PRECISION = "float32"  # of the model's computation; features are stored as float16
 
 PathLike = str | os.PathLike
 
 
 class FeatureCacheError(UserError):
     """A feature cache that cannot be built or used; the message names the folder and the fix."""
-
-
-def model_checksum(path: PathLike) -> str:
-    """sha256 of a fairseq ``.pt`` file, or of an HF folder's config and weight files."""
-    path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with file.open("rb") as handle:
-            while block := handle.read(HASH_BLOCK):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -120,21 +117,33 @@ class FeatureCache:
 
 
 class _RecordingAudio(Dataset):
-    """The chunks of each recording (decoding happens here, in DataLoader workers if asked)."""
+    """The chunks of each recording, or the reason it cannot be used (decoding happens here, in
+    DataLoader workers if asked). A chunk needs at least `min_samples` (one model frame)."""
 
-    def __init__(self, rows: list[int], files: list[Path], settings: dict):
+    def __init__(self, rows: list[int], files: list[Path], settings: dict, min_samples: int):
         self.rows = rows
         self.files = files
         self.settings = settings
+        self.min_samples = min_samples
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[int, list[np.ndarray]]:
+    def __getitem__(self, index: int) -> tuple[int, list[np.ndarray] | str]:
         row = self.rows[index]
+        path = self.files[row]
+        try:
+            audio = load_audio(path, max_seconds=self.settings["max_seconds"])
+        except AudioError as error:
+            return row, str(error)
+        if len(audio) < self.min_samples:
+            return row, (
+                f"{path}: {len(audio)} samples, shorter than the model's receptive field of "
+                f"{self.min_samples} samples ({1000 * self.min_samples / SAMPLE_RATE:.1f} ms); drop it"
+            )
         chunks = recording_chunks(
-            load_audio(self.files[row]),
-            self.settings["max_seconds"],
+            audio,
+            None,
             self.settings["normalize"],
             SAMPLE_RATE,
             self.settings["window_seconds"],
@@ -143,8 +152,37 @@ class _RecordingAudio(Dataset):
         return row, chunks
 
 
-def _as_is(item: tuple[int, list[np.ndarray]]) -> tuple[int, list[np.ndarray]]:
+def _as_is(item: tuple[int, list[np.ndarray] | str]) -> tuple[int, list[np.ndarray] | str]:
     return item
+
+
+def default_model_name(model_path: Path) -> str:
+    """A report name for a model: a checkpoint's stem, or an HF folder with its parent (``runs/a/hf``
+    is ``a/hf``), so the HF folders of two runs get different names."""
+    model_path = model_path.resolve()
+    return f"{model_path.parent.name}/{model_path.name}" if model_path.is_dir() else model_path.stem
+
+
+def receptive_field(model: MertModel) -> int:
+    """The fewest samples the conv stack turns into one frame (400 for MERT-v1-95M)."""
+    samples = 1
+    while conv_output_lengths(torch.tensor(samples), model.cfg.conv_layers) < 1:
+        samples += 1
+    return samples
+
+
+def check_weights(model: MertModel, model_path: Path) -> None:
+    """Refuse a model with NaN or infinite weights: its features would be NaN."""
+    bad = [
+        name
+        for name, value in model.state_dict().items()
+        if value.is_floating_point() and not value.isfinite().all()
+    ]
+    if bad:
+        raise FeatureCacheError(
+            f"{model_path}: NaN or infinite weights in {listing(bad)}; the training run diverged, "
+            "probe an earlier checkpoint"
+        )
 
 
 def encode_chunks(model: MertModel, chunks: list[np.ndarray], device: torch.device) -> np.ndarray:
@@ -156,17 +194,28 @@ def encode_chunks(model: MertModel, chunks: list[np.ndarray], device: torch.devi
 
 
 class _PartEncoder:
-    """Collects the chunks of one part, encodes them in same-length batches, returns the arrays."""
+    """Collects the chunks of one part, encodes them in same-length batches, returns the arrays;
+    a recording whose audio cannot be used is an error, or recorded as bad with `skip_bad`."""
 
-    def __init__(self, model: MertModel, device: torch.device, batch_size: int):
+    def __init__(
+        self, model: MertModel, device: torch.device, batch_size: int, ids: list[str], skip_bad: bool
+    ):
         self.model = model
         self.device = device
         self.batch_size = batch_size
+        self.ids = ids
+        self.skip_bad = skip_bad
         self.chunk_recording: list[int] = []
         self.features: list[np.ndarray | None] = []
         self.waiting: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self.bad: dict[int, str] = {}
 
-    def add(self, row: int, chunks: list[np.ndarray]) -> None:
+    def add(self, row: int, chunks: list[np.ndarray] | str) -> None:
+        if isinstance(chunks, str):
+            if not self.skip_bad:
+                raise FeatureCacheError(f"{chunks} (or pass --skip-bad to drop such recordings)")
+            self.bad[row] = chunks
+            return
         for chunk in chunks:
             slot = len(self.features)
             self.chunk_recording.append(row)
@@ -183,14 +232,23 @@ class _PartEncoder:
         group = self.waiting.pop(length)
         pooled = encode_chunks(self.model, [chunk for _, chunk in group], self.device)
         for (slot, _), values in zip(group, pooled):
+            if not np.isfinite(values).all() or np.abs(values).max() > FEATURE_MAX:
+                recording = self.ids[self.chunk_recording[slot]]
+                raise FeatureCacheError(
+                    f"recording {recording}: the model's features are non-finite or beyond float16's "
+                    f"range (largest magnitude {np.abs(values).max():g}); check the checkpoint and the audio"
+                )
             self.features[slot] = values.astype(FEATURE_DTYPE)
 
     def finish(self) -> dict[str, np.ndarray]:
         for length in list(self.waiting):
             self._encode(length)
+        width = (len(self.model.encoder.layers) + 1, self.model.cfg.encoder_embed_dim)
         return {
-            "features": np.stack(self.features),
+            "features": np.stack(self.features) if self.features else np.zeros((0, *width), FEATURE_DTYPE),
             "chunk_recording": np.asarray(self.chunk_recording, dtype=np.int64),
+            "bad_rows": np.asarray(sorted(self.bad), dtype=np.int64),
+            "bad_reasons": np.asarray([self.bad[row] for row in sorted(self.bad)], dtype=str),
         }
 
 
@@ -205,40 +263,41 @@ def _check_complete(out_dir: Path, settings: dict) -> None:
         )
 
 
-def _finalize(
-    out_dir: Path, partial: Path, num_parts: int, task: Task, settings: dict, model_path: Path
-) -> None:
-    """Join the parts into the cache arrays, write meta.json last and drop `.partial`."""
-    chunk_recording, shape = [], None
-    for index in range(num_parts):
-        with np.load(part_path(partial, index)) as part:
-            chunk_recording.append(part["chunk_recording"])
-            shape = part["features"].shape[1:]
-    chunk_recording = np.concatenate(chunk_recording)
-
-    def write_features(handle: BinaryIO) -> None:
-        header = {"descr": FEATURE_DTYPE, "fortran_order": False, "shape": (len(chunk_recording), *shape)}
-        np.lib.format.write_array_header_1_0(handle, header)
-        for index in range(num_parts):
-            with np.load(part_path(partial, index)) as part:
-                handle.write(part["features"].astype(FEATURE_DTYPE).tobytes())
-
-    write_atomically(out_dir / "features.npy", write_features)
+def _finalize(out_dir: Path, store: Parts, task: Task, settings: dict, model_path: Path) -> None:
+    """Join the parts into the cache arrays (dropping recordings skipped as bad audio), write
+    meta.json last and drop `.partial`."""
+    bad = np.concatenate(list(store.arrays("bad_rows")))
+    reasons = [str(reason) for reasons in store.arrays("bad_reasons") for reason in reasons]
+    kept = np.setdiff1d(np.arange(len(task)), bad)
+    if len(kept) == 0:
+        raise FeatureCacheError(f"{task.name}: no recording has usable audio; {reasons[0]}")
+    new_row = np.full(len(task), -1, dtype=np.int64)
+    new_row[kept] = np.arange(len(kept))
+    chunk_recording = new_row[np.concatenate(list(store.arrays("chunk_recording")))]
+    layers, dim = next(store.arrays("features")).shape[1:]
+    store.write_joined(
+        out_dir / "features.npy", "features", FEATURE_DTYPE, (len(chunk_recording), layers, dim)
+    )
+    kept_task = task.select(kept.tolist())
     write_atomically(out_dir / "chunk_recording.npy", lambda handle: np.save(handle, chunk_recording))
-    write_atomically(out_dir / "labels.npy", lambda handle: np.save(handle, task.labels.astype(np.uint8)))
+    write_atomically(
+        out_dir / "labels.npy", lambda handle: np.save(handle, kept_task.labels.astype(np.uint8))
+    )
     meta = {
         **settings,
         "model_path": str(model_path.resolve()),
-        "ids": task.ids,
-        "splits": task.splits,
-        "tags": task.tags,
+        "ids": kept_task.ids,
+        "splits": kept_task.splits,
+        "tags": kept_task.tags,
+        "skipped_bad_audio": [{"id": task.ids[row], "reason": reason} for row, reason in zip(bad, reasons)],
         "chunks": len(chunk_recording),
-        "layers": int(shape[0]),
-        "dim": int(shape[1]),
+        "layers": int(layers),
+        "dim": int(dim),
         "dtype": "float16",
+        "precision": PRECISION,
     }
     write_json_atomically(out_dir / "meta.json", meta)
-    shutil.rmtree(partial)
+    store.remove()
 
 
 def extract_features(
@@ -256,12 +315,15 @@ def extract_features(
     min_last_seconds: float = MIN_LAST_SECONDS,
     skipped: list[str] | None = None,
     progress: bool = True,
+    skip_bad: bool = False,
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Extract the features of every recording of `task` (audio `audio_files`, row-aligned) with the
     model at `model_path` into the cache folder `out_dir`, resuming unfinished work (module
-    docstring). `skipped` lists ids already dropped for missing audio, recorded in meta.json.
-    Rerunning on a complete cache of the same task, model and settings does nothing. Returns
-    `out_dir`.
+    docstring). `skipped` lists ids already dropped for missing audio, recorded in meta.json;
+    with `skip_bad` recordings with unusable audio are dropped and recorded too; `trust_checkpoint`
+    as in `load_model`. Rerunning on a
+    complete cache of the same task, model, audio and settings does nothing. Returns `out_dir`.
     """
     if len(task) == 0:
         raise FeatureCacheError(f"{task.name}: no recordings to extract")
@@ -277,11 +339,13 @@ def extract_features(
     model_path = Path(model_path)
     if not model_path.exists():
         raise FeatureCacheError(f"{model_path}: no such model; pass a fairseq .pt file or an HF folder")
+    audio, record = audio_sha256(audio_files, out_dir, FeatureCacheError)
     settings = {
         "task": task.name,
         "task_sha256": task.checksum(),
-        "model": model_name or model_path.stem,
-        "model_sha256": model_checksum(model_path),
+        "audio_sha256": audio,
+        "model": model_name or default_model_name(model_path),
+        "model_sha256": model_sha256(model_path),
         "normalize": normalize,
         "max_seconds": task.max_seconds,
         "window_seconds": window_seconds,
@@ -293,20 +357,19 @@ def extract_features(
     if (out_dir / "meta.json").is_file():
         _check_complete(out_dir, settings)
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / ".partial"
-    start_or_resume(partial, settings, FeatureCacheError)
     parts = [
         range(first, min(first + part_recordings, len(task)))
         for first in range(0, len(task), part_recordings)
     ]
-    pending = [index for index in range(len(parts)) if not part_path(partial, index).is_file()]
+    store = Parts(out_dir / ".partial", len(parts), settings, FeatureCacheError)
+    save_record(out_dir, record)
+    pending = store.pending()
     device = torch.device(device)
-    model = load_model(model_path, device)
+    model = load_model(model_path, device, trust_checkpoint=trust_checkpoint)
+    check_weights(model, model_path)
     rows = [row for index in pending for row in parts[index]]
-    loader = DataLoader(
-        _RecordingAudio(rows, audio_files, settings), batch_size=None, num_workers=workers, collate_fn=_as_is
-    )
+    audio = _RecordingAudio(rows, audio_files, settings, receptive_field(model))
+    loader = DataLoader(audio, batch_size=None, num_workers=workers, collate_fn=_as_is)
     bar = tqdm(
         total=len(task),
         initial=len(task) - len(rows),
@@ -316,13 +379,12 @@ def extract_features(
     )
     recordings = iter(loader)
     for index in pending:
-        encoder = _PartEncoder(model, device, batch_size)
+        encoder = _PartEncoder(model, device, batch_size, task.ids, skip_bad)
         for _ in parts[index]:
             row, chunks = next(recordings)
             encoder.add(row, chunks)
             bar.update(1)
-        arrays = encoder.finish()
-        write_atomically(part_path(partial, index), lambda handle, arrays=arrays: np.savez(handle, **arrays))
+        store.write(index, encoder.finish())
     bar.close()
-    _finalize(out_dir, partial, len(parts), task, settings, model_path)
+    _finalize(out_dir, store, task, settings, model_path)
     return out_dir

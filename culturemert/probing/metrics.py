@@ -1,4 +1,4 @@
-"""Tagging metrics of the probing evaluation, from scikit-learn (SPEC §5; thesis App. A.2).
+"""Tagging metrics of the probing evaluation, from scikit-learn (thesis App. A.2).
 
 Chunk outputs are averaged per recording (thesis 3.5.2; the probe averages logits, then takes
 the sigmoid). The metrics of per-recording probabilities are macro ROC-AUC, macro average

@@ -1,4 +1,4 @@
-"""The MLP probe of the MARBLE protocol on cached features (SPEC §5; thesis 3.5.2, App. A.2).
+"""The MLP probe of the MARBLE protocol on cached features (thesis 3.5.2, App. A.2).
 
 Input: one layer's mean-pooled chunk features, or all layers mixed by learnable softmax weights
 (initialised equal; MARBLE draws them at random). Head: Linear(dim, 512), ReLU, dropout 0.2,
@@ -52,7 +52,7 @@ class ProbeError(UserError):
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Hyper-parameters of the probe and its training (defaults: SPEC §5)."""
+    """Hyper-parameters of the probe and its training (defaults: thesis 3.5.2, App. A.2)."""
 
     hidden: int = 512
     dropout: float = 0.2
@@ -110,6 +110,11 @@ class ProbeData:
             selected = np.array(cache.features[:, layer], dtype=np.float16)
         else:
             raise ProbeError(f"layer {layer!r}: choose 0..{layers - 1} or {ALL_LAYERS!r} for {cache.path}")
+        if not np.isfinite(selected).all():
+            raise ProbeError(
+                f"{cache.path}: {int((~np.isfinite(selected)).sum())} feature values are NaN or infinite; "
+                "re-extract the cache with probe.py extract (it refuses non-finite features)"
+            )
         splits = np.asarray(cache.splits)
         chunk_split = splits[cache.chunk_recording]
         rows = {name: np.flatnonzero(splits == name) for name in ("train", "valid", "test")}

@@ -1,7 +1,11 @@
 """Tables and plots over probe runs (thesis Tables 4.1/4.2, Figures 4.2, 4.4 and 4.7).
 
 A run is a folder with the ``results.json`` of `probe.fit_probe`, which names its model, task and
-layer. Where a model has several runs on a task (one per layer, say), the tables and the transfer
+layer. A model is identified by its content (the sha256 recorded at extraction), not its name:
+runs of one checkpoint under different names are one row, and models that share a name (two
+``hf`` folders of different runs) are told apart by a short hash after the name.
+
+Where a model has several runs on a task (one per layer, say), the tables and the transfer
 and lambda plots use the run with the best mean *validation* ROC-AUC; the test split chooses
 nothing. Scores are shown in percent, mean ± sample std over seeds.
 
@@ -62,7 +66,27 @@ def load_runs(paths: Sequence[PathLike]) -> list[dict]:
             raise ReportError(f"{path}: not a probe run folder (no results.json)")
     if not files:
         raise ReportError(f"no results.json under {', '.join(map(str, paths))}")
-    return [json.loads(file.read_text()) for file in files]
+    return _name_by_content([json.loads(file.read_text()) for file in files])
+
+
+def _name_by_content(runs: list[dict]) -> list[dict]:
+    """The runs with ``model`` set to one name per model content (``model_sha256``; runs without
+    it are identified by name): the first name seen, followed by the hash's first 8 digits where
+    models of different content share it."""
+    first_name: dict[str, str] = {}
+    for run in runs:
+        first_name.setdefault(run.get("model_sha256") or run["model"], run["model"])
+    contents: dict[str, set[str]] = {}
+    for identity, name in first_name.items():
+        contents.setdefault(name, set()).add(identity)
+    renamed = []
+    for run in runs:
+        identity = run.get("model_sha256") or run["model"]
+        name = first_name[identity]
+        if len(contents[name]) > 1:
+            name = f"{name} ({identity[:8]})"
+        renamed.append({**run, "model": name})
+    return renamed
 
 
 def _ordered(values: Sequence[str], order: Sequence[str] = ()) -> list[str]:

@@ -1,4 +1,4 @@
-"""Semantic tokens: k-means clusters of one layer's frame features (SPEC §6, suggested extension).
+"""Semantic tokens: k-means clusters of one layer's frame features (thesis 4.3, an extension).
 
 Each dataset is a fairseq manifest of 24 kHz audio (the one a token cache was built from). From
 each, `max_clips` rows are drawn with a fixed seed and the first `clip_seconds` of each are
@@ -55,7 +55,7 @@ def layer_frames(
         if normalize:
             wav = normalize_wav(wav)
         with torch.inference_mode():
-            states = model.hidden_states(torch.from_numpy(wav)[None].to(device))
+            states = model.hidden_states(torch.from_numpy(wav)[None].to(device), layers=layer)
         frames.append(states[layer][0].to(torch.float16).cpu().numpy())
     return np.concatenate(frames)
 

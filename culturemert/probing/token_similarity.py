@@ -1,16 +1,18 @@
-"""Token-level similarity between datasets (SPEC §6; thesis 4.3).
+"""Token-level similarity between datasets (thesis 4.3).
 
 A dataset is summarised by one histogram per codebook of the tokens of all its frames: the 8
 EnCodec codebooks of 1,024 codes of a token cache (`culturemert.targets.token_cache`), or the
 single "codebook" of k-means clusters of `semantic_tokens`. Two datasets are compared codebook by
 codebook with the Jensen-Shannon divergence of their code distributions (base 2, so in [0, 1]; the
 square of scipy's Jensen-Shannon distance) and the cosine distance of their histograms, each
-averaged over the codebooks.
+averaged over the codebooks. Token caches are only compared when one teacher made them all (the
+identity each cache records), since the codes of two teachers are not the same vocabulary.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy.spatial.distance import cosine, jensenshannon
 
-from culturemert.errors import UserError
+from culturemert.errors import UserError, listing
 from culturemert.targets.token_cache import TokenCache, TokenCacheError
 
 BLOCK_FRAMES = 1 << 20  # frames of codes.npy counted per step, bounding memory
@@ -33,22 +35,59 @@ class SimilarityError(UserError):
 
 def code_histograms(cache_dir: PathLike) -> np.ndarray:
     """Counts int64 [codebooks, codebook_size] of the codes of a complete token cache folder."""
-    cache_dir = Path(cache_dir)
+    return _count_codes(_open(cache_dir))
+
+
+def teacher_histograms(cache_dirs: Sequence[PathLike]) -> list[np.ndarray]:
+    """`code_histograms` of each cache, refusing caches made by different teachers."""
+    caches = [_open(path) for path in cache_dirs]
+    by_teacher: dict[str, list[Path]] = {}
+    for cache in caches:
+        by_teacher.setdefault(json.dumps(cache.meta.get("teacher"), sort_keys=True), []).append(cache.out_dir)
+    if len(by_teacher) > 1:
+        groups = "; ".join(f"{listing(paths)} by teacher {teacher}" for teacher, paths in by_teacher.items())
+        raise SimilarityError(
+            f"the token caches were made by {len(by_teacher)} different teachers ({groups}); extract all "
+            "of them with the same teacher (extract_tokens.py --encodec, or --save-teacher once)"
+        )
+    return [_count_codes(cache) for cache in caches]
+
+
+def dataset_names(paths: Sequence[PathLike]) -> list[str]:
+    """Names of datasets from their folders: the path components where the folders differ, so
+    ``data/makam/tokens/train`` and ``data/lyra/tokens/train`` are ``makam`` and ``lyra``; a single
+    folder is named by its last component."""
+    parts = [Path(path).resolve().parts for path in paths]
+    if len(parts) == 1:
+        return [parts[0][-1]]
+    prefix = 0
+    while all(len(p) > prefix + 1 and p[prefix] == parts[0][prefix] for p in parts):
+        prefix += 1
+    suffix = 0
+    while all(len(p) - suffix - 1 > prefix and p[-suffix - 1] == parts[0][-suffix - 1] for p in parts):
+        suffix += 1
+    return ["/".join(p[prefix : len(p) - suffix]) or p[-1] for p in parts]
+
+
+def _open(cache_dir: PathLike) -> TokenCache:
     try:
-        cache = TokenCache.open(cache_dir)
+        return TokenCache.open(cache_dir)
     except TokenCacheError as error:
         raise SimilarityError(str(error)) from None
+
+
+def _count_codes(cache: TokenCache) -> np.ndarray:
     meta, codes = cache.meta, cache.codes
     size = meta["codebook_size"]
     counts = np.zeros((codes.shape[1], size), dtype=np.int64)
     for start in range(0, len(codes), BLOCK_FRAMES):
         block = np.asarray(codes[start : start + BLOCK_FRAMES], dtype=np.int64)
         if block.size and block.max() >= size:
-            raise SimilarityError(f"{cache_dir}: a code exceeds the codebook size {size} of meta.json")
+            raise SimilarityError(f"{cache.out_dir}: a code exceeds the codebook size {size} of meta.json")
         for codebook in range(codes.shape[1]):
             counts[codebook] += np.bincount(block[:, codebook], minlength=size)
     if counts.sum() == 0:
-        raise SimilarityError(f"{cache_dir}: the cache holds no frames")
+        raise SimilarityError(f"{cache.out_dir}: the cache holds no frames")
     return counts
 
 

@@ -1,4 +1,4 @@
-"""The offline token cache: the EnCodec codes of every manifest row, extracted once (SPEC §2).
+"""The offline token cache: the EnCodec codes of every manifest row, extracted once (thesis 3.2).
 
 MERT's release runs the acoustic teacher once per file and trains from the stored labels. A cache
 folder holds
@@ -6,8 +6,10 @@ folder holds
 - ``codes.npy``: uint16 [total_frames, 8], memory-mapped at training time;
 - ``offsets.npy``: int64 [rows + 1]; row i's codes are ``codes[offsets[i]:offsets[i + 1]]``, and
   ceil(num_samples / 320) frames long (zero for a row skipped as bad audio);
-- ``meta.json``: the teacher, the settings, the manifest's path and sha256, the counts and the
-  skipped rows. It is written last, so its presence means the cache is complete.
+- ``meta.json``: the teacher, the settings, the manifest's path and sha256, the sha256 of the
+  audio's contents (`culturemert.fingerprint`; per file in ``audio.json``), the counts and the
+  skipped rows. It is written last, so its presence means the cache is complete. A cache is
+  refused for another manifest, teacher or audio content (re-cut files under the same names).
 
 Long rows are encoded in chunks of ``chunk_seconds`` (30 s = 9,000 frames) so memory stays
 bounded. Every chunk but a row's first is encoded together with the `CONTEXT_SECONDS` of audio
@@ -16,10 +18,9 @@ padding and fresh LSTM state of a clip start (EnCodec is trained on 1 s excerpts
 data-initialised teacher the start-of-clip effect on the encoder output falls to float32 rounding
 within 50 frames, so chunked codes match whole-row codes but for rare float32 near-ties).
 
-Resuming: rows are grouped into parts of about ``batch_seconds`` of audio, fixed by the manifest
-and the options (recorded in ``.partial/settings.json``; a rerun with other options is refused).
-Each finished part is written atomically to ``.partial/part-NNNNNN.npz`` and a rerun (after an
-exception or a SIGKILL alike) encodes only the missing parts. A part's teacher batches never depend
+Resuming (`culturemert.parts`): rows are grouped into parts of about ``batch_seconds`` of audio,
+fixed by the manifest and the options (a rerun with other options is refused); a rerun encodes
+only the parts not yet written. A part's teacher batches never depend
 on other parts, so on the same machine the result is byte-identical to an uninterrupted run
 (float32 rounding depends on the batch shapes, so other batch settings can flip rare near-ties).
 """
@@ -32,7 +33,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -41,7 +41,9 @@ from tqdm import tqdm
 from culturemert.audio import FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, AudioError, audio_info, read_crop
 from culturemert.data.manifest import Manifest, read_manifest
 from culturemert.errors import UserError
-from culturemert.files import part_path, start_or_resume, write_atomically
+from culturemert.files import write_atomically, write_json_atomically
+from culturemert.fingerprint import audio_sha256, save_record
+from culturemert.parts import Parts
 from culturemert.targets.encodec_teacher import (
     BANDWIDTH,
     CODEBOOK_SIZE,
@@ -98,9 +100,11 @@ def build_token_cache(
         raise TokenCacheError(f"chunk_seconds={chunk_seconds} must be a positive whole number of frames")
     if batch_seconds <= 0:
         raise TokenCacheError(f"batch_seconds={batch_seconds} must be positive")
+    audio, record = audio_sha256(_audio_files(manifest), out_dir, TokenCacheError)
     settings = {
         "teacher": teacher.identity,
         "manifest_sha256": manifest.checksum(),
+        "audio_sha256": audio,
         "batch_seconds": batch_seconds,
         "chunk_seconds": chunk_seconds,
         "context_seconds": CONTEXT_SECONDS,
@@ -110,12 +114,12 @@ def build_token_cache(
         shutil.rmtree(out_dir / ".partial", ignore_errors=True)
         return out_dir
 
-    partial = out_dir / ".partial"
-    start_or_resume(partial, settings, TokenCacheError)
     batch_samples = round(batch_seconds * SAMPLE_RATE)
     parts = _parts(manifest.num_samples, batch_samples)
+    store = Parts(out_dir / ".partial", len(parts), settings, TokenCacheError)
+    save_record(out_dir, record)
     seconds = [float(manifest.num_samples[rows].sum()) / SAMPLE_RATE for rows in parts]
-    todo = [index for index in range(len(parts)) if not part_path(partial, index).is_file()]
+    todo = store.pending()
     with tqdm(
         total=sum(seconds),
         initial=sum(seconds) - sum(seconds[index] for index in todo),
@@ -127,9 +131,9 @@ def build_token_cache(
         for index in todo:
             counted = bar.n
             arrays = _encode_part(manifest, parts[index], teacher, batch_samples, chunk_frames, skip_bad, bar)
-            _write_part(part_path(partial, index), arrays)
+            store.write(index, arrays)
             bar.update(seconds[index] - (bar.n - counted))  # the rest: rows skipped as bad audio
-    _finalize(out_dir, manifest, settings, len(parts))
+    _finalize(out_dir, manifest, settings, store)
     return out_dir
 
 
@@ -160,11 +164,20 @@ class TokenCache:
             )
         if manifest is not None:
             manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+            rebuild = (
+                f"rebuild the cache with scripts/extract_tokens.py --manifest {manifest.path} --out "
+                "<new folder>"
+            )
             if meta["manifest_sha256"] != manifest.checksum() or meta["rows"] != len(manifest):
                 raise TokenCacheError(
                     f"{meta_path} was built from {meta['manifest']}, whose contents differ from "
-                    f"{manifest.path}; rebuild the cache with scripts/extract_tokens.py --manifest "
-                    f"{manifest.path} --out <new folder>"
+                    f"{manifest.path}; {rebuild}"
+                )
+            audio, _ = audio_sha256(_audio_files(manifest), out_dir, TokenCacheError)
+            if meta.get("audio_sha256") != audio:
+                raise TokenCacheError(
+                    f"{meta_path} was built from other audio than {manifest.path} lists (or before audio "
+                    f"fingerprints were recorded); {rebuild}"
                 )
         return cls(out_dir, codes, offsets, meta)
 
@@ -189,8 +202,12 @@ class TokenCache:
         return self.codes[first : first + num_frames].astype(np.int64)
 
 
+def _audio_files(manifest: Manifest) -> list[Path]:
+    return [manifest.audio_path(row) for row in range(len(manifest))]
+
+
 def _check_complete_cache(out_dir: Path, manifest: Manifest, settings: dict) -> None:
-    """Refuse to treat a complete cache of another manifest or teacher as already done."""
+    """Refuse to treat a complete cache of another manifest, teacher or audio as already done."""
     meta = json.loads((out_dir / "meta.json").read_text())
     if meta["manifest_sha256"] != settings["manifest_sha256"]:
         raise TokenCacheError(
@@ -201,6 +218,11 @@ def _check_complete_cache(out_dir: Path, manifest: Manifest, settings: dict) -> 
         raise TokenCacheError(
             f"{out_dir} already holds a complete cache made by another teacher ({meta['teacher']}); "
             f"delete {out_dir} or pass another --out"
+        )
+    if meta.get("audio_sha256") != settings["audio_sha256"]:
+        raise TokenCacheError(
+            f"{out_dir} already holds a complete cache made from other audio (or before audio "
+            f"fingerprints were recorded); delete {out_dir} or pass another --out"
         )
 
 
@@ -214,10 +236,6 @@ def _parts(num_samples: np.ndarray, batch_samples: int) -> list[range]:
         total += length
     parts.append(range(first, len(num_samples)))
     return parts
-
-
-def _write_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    write_atomically(path, lambda handle: np.savez(handle, **arrays))
 
 
 def _chunks(row: int, num_samples: int, chunk_frames: int) -> list[_Chunk]:
@@ -309,25 +327,15 @@ def _encode_part(
     }
 
 
-def _finalize(out_dir: Path, manifest: Manifest, settings: dict, num_parts: int) -> None:
+def _finalize(out_dir: Path, manifest: Manifest, settings: dict, store: Parts) -> None:
     """Join the parts into codes.npy and offsets.npy, then write meta.json and drop `.partial`."""
-    partial = out_dir / ".partial"
-    frames, skipped = [], []
-    for index in range(num_parts):
-        with np.load(part_path(partial, index)) as part:
-            frames.append(part["frames"])
-            for row, reason in zip(part["bad_rows"].tolist(), part["bad_reasons"].tolist()):
-                skipped.append({"row": row, "file": manifest.files[row], "reason": reason})
-    offsets = np.concatenate([[0], np.cumsum(np.concatenate(frames))]).astype(np.int64)
-
-    def write_codes(handle: BinaryIO) -> None:
-        header = {"descr": "<u2", "fortran_order": False, "shape": (int(offsets[-1]), NUM_CODEBOOKS)}
-        np.lib.format.write_array_header_1_0(handle, header)
-        for index in range(num_parts):
-            with np.load(part_path(partial, index)) as part:
-                handle.write(part["codes"].astype("<u2").tobytes())
-
-    write_atomically(out_dir / "codes.npy", write_codes)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(list(store.arrays("frames"))))]).astype(np.int64)
+    skipped = [
+        {"row": row, "file": manifest.files[row], "reason": reason}
+        for rows, reasons in zip(store.arrays("bad_rows"), store.arrays("bad_reasons"))
+        for row, reason in zip(rows.tolist(), reasons.tolist())
+    ]
+    store.write_joined(out_dir / "codes.npy", "codes", "<u2", (int(offsets[-1]), NUM_CODEBOOKS))
     write_atomically(out_dir / "offsets.npy", lambda handle: np.save(handle, offsets))
     meta = {
         **settings,
@@ -341,5 +349,5 @@ def _finalize(out_dir: Path, manifest: Manifest, settings: dict, num_parts: int)
         "total_frames": int(offsets[-1]),
         "skipped": skipped,
     }
-    write_atomically(out_dir / "meta.json", lambda handle: handle.write(json.dumps(meta, indent=2).encode()))
-    shutil.rmtree(partial)
+    write_json_atomically(out_dir / "meta.json", meta)
+    store.remove()
