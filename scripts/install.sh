@@ -3,7 +3,7 @@
 #
 #   python3 -m venv .venv && source .venv/bin/activate && bash scripts/install.sh
 #
-# Order matters (SPEC §7):
+# Order matters:
 #   1. torch first. An environment that already has torch (e.g. a CUDA build) keeps it;
 #      otherwise torch==2.13.0 is installed (on the CPU machines of this project it is a local
 #      wheel; elsewhere pip fetches the default build for your platform).

@@ -1,5 +1,5 @@
-"""MARBLE-style probing of frozen MERT models (SPEC §5; thesis 3.5.2, App. A.2) and token-level
-culture similarity (SPEC §6; thesis 4.3).
+"""MARBLE-style probing of frozen MERT models (thesis 3.5.2, App. A.2) and token-level
+culture similarity (thesis 4.3).
 
 - `tasks`: the six tagging datasets on their published splits, and generic CSV task files;
 - `chunking`: the 30 s sliding windows, the per-dataset duration cut, waveform normalisation;
