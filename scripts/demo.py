@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
+import importlib
+import logging
 import os
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from culturemert.cli import configure_logging
+from culturemert.cli import run as run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = {"bach": 30, "palestrina": 30}  # pieces rendered per collection
@@ -45,25 +49,34 @@ def step(message: str) -> None:
     print(f"\n[demo {time.monotonic() - started:6.0f} s] {message}", flush=True)
 
 
+LOGS: Path | None = None  # the folder of the tools' full output, set by main
+
+
 def run(*command: str | Path, env: dict[str, str] | None = None) -> None:
-    """Run one of the project's command-line tools; stop the demo if it fails."""
+    """Run one of the project's command-line tools with its output (fairseq's per-update lines
+    included) going to a log file under ``<out>/logs/``; stop the demo, showing the log's end,
+    if it fails."""
     command = [str(part) for part in command]
-    print("  $", " ".join(command), flush=True)
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, **(env or {})})
+    log = LOGS / f"{len(list(LOGS.glob('*.log'))):02d}-{Path(command[1]).stem}.log"
+    print("  $", " ".join(command), f"  (log: {log})", flush=True)
+    with open(log, "w") as handle:
+        result = subprocess.run(
+            command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=handle, stderr=subprocess.STDOUT
+        )
     if result.returncode != 0:
-        sys.exit(f"demo: step failed (exit {result.returncode}): {' '.join(command)}")
+        print("".join(log.read_text().splitlines(keepends=True)[-30:]), file=sys.stderr)
+        sys.exit(f"demo: step failed (exit {result.returncode}): {' '.join(command)}; full output in {log}")
 
 
-def run_in_process(script: str, *arguments: str | Path) -> None:
-    """Run ``scripts/<script>.py``'s ``main`` in this process: the same command line without paying
-    the start-up of a new Python with torch and fairseq, for the many short probing calls."""
+def run_in_process(tool: str, *arguments: str | Path) -> None:
+    """Run ``culturemert.cli.<tool>``'s ``main`` in this process: the same command line as
+    ``python scripts/<tool>.py`` without paying the start-up of a new Python with torch and
+    fairseq, for the many short probing calls."""
     arguments = [str(argument) for argument in arguments]
-    print(f"  $ python scripts/{script}.py", " ".join(arguments), flush=True)
-    spec = importlib.util.spec_from_file_location(f"{script}_cli", REPO / "scripts" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if module.main(arguments) != 0:
-        sys.exit(f"demo: step failed: scripts/{script}.py {' '.join(arguments)}")
+    print(f"  $ python scripts/{tool}.py", " ".join(arguments), flush=True)
+    module = importlib.import_module(f"culturemert.cli.{tool}")
+    if run_cli(module.main, tool, arguments) != 0:
+        sys.exit(f"demo: step failed: scripts/{tool}.py {' '.join(arguments)}")
 
 
 def render(audio_root: Path, collections: dict[str, int], seed: int) -> list[tuple[Path, dict]]:
@@ -107,7 +120,11 @@ def main() -> None:
     parser.add_argument("--encodec", type=Path, help="the published EnCodec 24 kHz weights (optional)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    configure_logging(logging.WARNING)
     out = args.out.resolve()
+    global LOGS
+    LOGS = out / "logs"
+    LOGS.mkdir(parents=True, exist_ok=True)
     audio, data, cpt, probes = out / "audio", out / "data", out / "cpt", out / "probe"
     python = sys.executable
     print(
@@ -196,7 +213,6 @@ def main() -> None:
 
     step("8/8 report: Table 4.1-style ROC-AUC / AP, transfer and lambda-sweep plots")
     run_in_process("probe", "report", probes / "runs", "--out", out / "report", "--base", "source")
-    print((out / "report" / "table.md").read_text())
     print(
         "What to look for: continual pre-training on a target should raise that target's scores over "
         "'source' (adaptation) and may lower 'western' (forgetting); merging by task arithmetic trades "

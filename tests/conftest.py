@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,14 +35,6 @@ def tiny_config(**overrides) -> MertConfig:
 def seeded():
     torch.manual_seed(0)
     yield
-
-
-def script_main(name: str) -> Callable[[list[str] | None], int]:
-    """The ``main`` of ``scripts/<name>.py``, to run a command line in-process (no 6 s start-up)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture
