@@ -55,7 +55,7 @@ from transformers import HubertModel
 from culturemert import load_model
 from culturemert.audio import SAMPLE_RATE
 from culturemert.data.manifest import write_manifest
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 from culturemert.testing import write_release_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 
 OPTIONS = ("default", "checkpointing", "bf16")
 STAGE1_TRAINABLE = r"feature_extractor\..*,label_embs_concat"

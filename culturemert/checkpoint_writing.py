@@ -17,7 +17,7 @@ import torch
 
 from culturemert.files import replace_folder, write_atomically
 from culturemert.hf_format import SAFETENSORS_DTYPES, hf_config_from_mert, to_hf_state_dict
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 
 
 def save_fairseq(path: str | os.PathLike, cfg: MertConfig, state: dict[str, torch.Tensor]) -> None:

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 
 # (fairseq name, HF name) templates; {i} is a layer index, {p} a projection (q, k, v or out).
 _KEY_TEMPLATES = [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONV = "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2"

@@ -17,7 +17,7 @@ from test_training import corpus  # noqa: F401  (the module-scoped fixture: rend
 
 from culturemert.checkpoint import load_model, read_checkpoint, read_hf
 from culturemert.hf_format import HEAD_PREFIXES
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 from culturemert.testing import write_hub_folder, write_release_checkpoint
 from culturemert.training import fingerprint
 

@@ -22,7 +22,7 @@ from culturemert.audio import audio_info, read_crop
 from culturemert.checkpoint import read_checkpoint
 from culturemert.data.manifest import write_manifest
 from culturemert.lr_scheduler import cpt_cosine_lr
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 from culturemert.music_corpus import render_collection
 from culturemert.targets.encodec_teacher import EncodecTeacher
 from culturemert.targets.token_cache import build_token_cache

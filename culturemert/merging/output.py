@@ -10,7 +10,7 @@ import torch
 
 from culturemert.checkpoint import save_fairseq, save_hf
 from culturemert.files import replace_folder, write_atomically
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 
 # What a merge output folder may hold: one merge, the similarity files, a sweep's merges.
 MERGE_FILES = ["checkpoint.pt", "hf", "merge.json", "task_vector_similarity.*", "lambda_*"]

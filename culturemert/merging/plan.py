@@ -19,7 +19,7 @@ from culturemert.errors import listing
 from culturemert.hf_format import HEAD_PREFIXES
 from culturemert.merging.methods import rounds_base, task_vectors
 from culturemert.merging.sources import Source, labels
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 
 # Bytes of tensors read from each input at a time: bounds the file pages resident beside the merged
 # state. Elements of one tensor the per-element maths works on at a time: bounds its scratch memory.

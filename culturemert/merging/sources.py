@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from culturemert.checkpoint import CheckpointError, Specs, StoredTensors, open_fairseq, open_hf
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 
 
 @dataclass

@@ -30,7 +30,7 @@ from culturemert.criterions.mert_mlm import MertMlmConfig
 from culturemert.errors import UserError
 from culturemert.files import write_atomically
 from culturemert.lr_scheduler import CptCosineConfig
-from culturemert.models.mert import MertConfig
+from culturemert.models.config import MertConfig
 from culturemert.tasks.mert_cpt import MertCptConfig
 
 logger = logging.getLogger(__name__)
