@@ -22,6 +22,7 @@ import torch
 from transformers import HubertModel
 
 from culturemert import load_model
+from culturemert.audio import SAMPLE_RATE
 from culturemert.checkpoint import convert, save_fairseq
 from culturemert.models.mert import MertConfig, MertModel
 
@@ -43,6 +44,23 @@ def clips_per_second(forwards: dict, wav: torch.Tensor, repeats: int) -> dict[st
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
     return {name: wav.shape[0] / statistics.median(seconds) for name, seconds in times.items()}
+
+
+def compare(ours: MertModel, theirs: HubertModel, wav: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Clips/s of both models' 13 hidden states on ``wav`` (`clips_per_second`) and the largest
+    difference between their hidden states (``max_difference``)."""
+    speed = clips_per_second(
+        {
+            "culturemert": ours.hidden_states,
+            "transformers": lambda w: theirs(w, output_hidden_states=True).hidden_states,
+        },
+        wav,
+        repeats,
+    )
+    with torch.inference_mode():
+        pairs = zip(ours.hidden_states(wav), theirs(wav, output_hidden_states=True).hidden_states)
+        difference = max((a - b).abs().max().item() for a, b in pairs)
+    return {**speed, "max_difference": difference}
 
 
 def main() -> None:
@@ -70,19 +88,10 @@ def main() -> None:
     for device in devices:
         ours.to(device)
         theirs.to(device)
-        wav = torch.randn(args.batch, round(args.seconds * 24_000), device=device)
-        speed = clips_per_second(
-            {
-                "culturemert": ours.hidden_states,
-                "transformers": lambda w: theirs(w, output_hidden_states=True).hidden_states,
-            },
-            wav,
-            args.repeats,
-        )
-        with torch.inference_mode():
-            pairs = zip(ours.hidden_states(wav), theirs(wav, output_hidden_states=True).hidden_states)
-            difference = max((a - b).abs().max().item() for a, b in pairs)
-        ours_speed, theirs_speed = speed["culturemert"], speed["transformers"]
+        wav = torch.randn(args.batch, round(args.seconds * SAMPLE_RATE), device=device)
+        result = compare(ours, theirs, wav, args.repeats)
+        difference = result["max_difference"]
+        ours_speed, theirs_speed = result["culturemert"], result["transformers"]
         print(
             f"{device:<8}{ours_speed:>22.3f}{theirs_speed:>22.3f}{ours_speed / theirs_speed:>8.2f}"
             f"{difference:>10.1e}"

@@ -48,7 +48,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import yaml
-from extract_features import clips_per_second
+from extract_features import compare
 from train_step import OPTIONS, TrainingStep, option
 from transformers import HubertModel
 
@@ -300,20 +300,7 @@ def extraction(hf: Path, s: Settings) -> dict:
     ours = load_model(hf).to(s.device)
     theirs = HubertModel.from_pretrained(hf).eval().to(s.device)
     wav = torch.randn(s.extract_batch, s.crop_samples, device=s.device) * 0.1
-    speed = clips_per_second(
-        {
-            "culturemert": ours.hidden_states,
-            "transformers": lambda w: theirs(w, output_hidden_states=True).hidden_states,
-        },
-        wav,
-        s.extract_repeats,
-    )
-    with torch.inference_mode():
-        difference = max(
-            (a - b).abs().max().item()
-            for a, b in zip(ours.hidden_states(wav), theirs(wav, output_hidden_states=True).hidden_states)
-        )
-    return {**speed, "max_difference": difference}
+    return compare(ours, theirs, wav, s.extract_repeats)
 
 
 def report(s: Settings, updates: int, stages: list[dict], options: list[dict], extract: dict) -> str:
