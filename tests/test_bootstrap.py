@@ -141,3 +141,14 @@ def test_load_reads_a_run_folder_and_refuses_other_files(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(BootstrapError, match="bad.npz"):
         Predictions.load(tmp_path / "bad.npz")
+
+
+def test_resamples_without_a_scorable_tag_are_left_out_of_the_interval():
+    y_true = np.array([[1], [0], [0]], dtype=bool)
+    scores = np.array([[[0.9], [0.2], [0.6]]])
+    counts = np.array([[3, 0, 0], [1, 1, 1], [0, 2, 1]])
+    metrics = weighted_metrics(y_true, scores[0], counts)
+    assert np.isnan(metrics["roc_auc"][[0, 2]]).all() and metrics["roc_auc"][1] == 1.0
+    cell = bootstrap_cell(Predictions(np.array(["a", "b", "c"]), y_true, scores), resamples=50)
+    low, high = cell["roc_auc"]["interval"]
+    assert np.isfinite([low, high]).all() and high <= 1.0

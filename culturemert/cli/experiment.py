@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML")
     parser.add_argument("--dry-run", action="store_true", help="list the steps instead of running them")
     args = parser.parse_intermixed_args(argv)
+    for name in ("experiment", "culturemert.experiment"):  # the tools run in-process lower the root level
+        logging.getLogger(name).setLevel(logging.INFO)
     experiment = load_experiment(args.experiment, args.overrides)
     plan = Plan(experiment)
     if args.dry_run:

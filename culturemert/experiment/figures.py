@@ -34,7 +34,7 @@ def bars(cells: dict, models: list[str], tasks: list[str], path: Path) -> Path |
     """Fig 4.1: ROC-AUC per dataset, one bar per model, with 95 % intervals."""
     if not cells:
         return None
-    figure = Figure(figsize=(2.0 + 0.5 * len(tasks) * len(models), 4.2), layout="constrained")
+    figure = Figure(figsize=(4.0 + 0.35 * len(tasks) * len(models), 4.2), layout="constrained")
     axis = figure.subplots()
     width = 0.8 / len(models)
     for index, model in enumerate(models):
@@ -48,7 +48,7 @@ def bars(cells: dict, models: list[str], tasks: list[str], path: Path) -> Path |
     low = min(_percent(c)[1] for c in cells.values())
     axis.set_ylim(max(0, low - 5), 100)
     axis.set_title("Probing ROC-AUC per dataset (best layer; 95 % bootstrap intervals)")
-    axis.legend(fontsize="small", ncols=min(4, len(models)), loc="lower right")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(figure, path)
 
 
@@ -77,7 +77,8 @@ def transfer_matrix(
                 low, high = (100 * v for v in metric["difference_interval"])
                 mark = "*" if metric["significant"] else ""
                 text = f"{values[i, j]:+.1f}{mark}\n[{low:+.1f}, {high:+.1f}]"
-                axis.text(j, i, text, ha="center", va="center", fontsize=8)
+                color = "white" if abs(values[i, j]) > 0.6 * limit else "black"
+                axis.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     axis.set_xticks(range(len(tasks)), [_title(t) for t in tasks])
     axis.set_yticks(range(len(rows)), rows)
     axis.set_title(f"ROC-AUC relative to {baseline} (points; * 95 % paired interval excludes 0)")
@@ -160,8 +161,8 @@ def lambda_sweep(cells: dict, sweep: list[str], baseline: str, tasks: list[str],
         present = [(value, _percent(cells[(m, task)])) for value, m in points if (m, task) in cells]
         if present:
             xs = [value for value, _ in present]
-            axis.plot(xs, [p[0] for p in present], marker="o", label="merged")
-            axis.fill_between(xs, [p[1] for p in present], [p[2] for p in present], alpha=0.25)
+            axis.plot(xs, [p[0] for _, p in present], marker="o", label="merged")
+            axis.fill_between(xs, [p[1] for _, p in present], [p[2] for _, p in present], alpha=0.25)
         if (baseline, task) in cells:
             axis.axhline(_percent(cells[(baseline, task)])[0], color="black", linestyle=":", label=baseline)
         axis.set_title(_title(task))

@@ -42,7 +42,14 @@ def write_report(experiment: Experiment, plan: Plan, folder: Path) -> list[Path]
     folder.mkdir(parents=True, exist_ok=True)
     out = Path(experiment.out)
     baseline = experiment.report.baseline
-    runs = load_probe_runs(out / "probes")
+    layers = {str(layer) for layer in experiment.probing.layers}
+    runs = [  # only this experiment's grid: a folder left by an earlier version of the file is not reported
+        run
+        for run in load_probe_runs(out / "probes")
+        if run["model"] in model_names(experiment)
+        and run["task"] in experiment.tasks
+        and str(run["layer"]) in layers
+    ]
     cells = uncertainty(runs, baseline, experiment.report.resamples, experiment.seed) if runs else {}
     models = ordered_models(cells, baseline, model_names(experiment))
     tasks = ordered_tasks(cells, list(experiment.tasks))
@@ -128,7 +135,7 @@ def _readme(experiment: Experiment, written: list[str]) -> str:
         f"{experiment.report.resamples} resamples of the test recordings (culturemert/probing/bootstrap.py).",
         "",
     ]
-    lines += [f"- `{name}`: {DESCRIPTIONS.get(name, name)}" for name in written]
+    lines += [f"- `{name}`: {DESCRIPTIONS[name]}" for name in written if name in DESCRIPTIONS]
     missing = [name for name in DESCRIPTIONS if name not in written and not name.endswith(".csv")]
     if missing:
         lines += [
