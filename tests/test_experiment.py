@@ -63,7 +63,7 @@ def small_experiment(folder: Path) -> Path:
         "essen": "${out}/cpt/essen/tokens/stage2/train",
         "essen-valid": "${out}/data/essen/stage2/valid.tsv",  # a manifest: tokens extracted
     }
-    config.probing.layers = [1, "all"]
+    config.probing.layers = [1, 2, "all"]
     config.probing.fit_flags = ["--lrs", "1e-3", "--max-epochs", "8", "--threads", "1", "--standardize"]
     config.report.baseline = "random-init"
     config.report.multi = "essen"  # stands in for the multi-culture model of Fig 4.6

@@ -106,7 +106,8 @@ def token_similarity(folder: Path, path: Path) -> Path | None:
         image = axis.imshow(matrix, cmap="viridis")
         for i in range(len(names)):
             for j in range(len(names)):
-                axis.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=8, color="white")
+                color = "black" if matrix[i, j] > 0.5 * matrix.max() else "white"  # on viridis
+                axis.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=8, color=color)
         axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
         axis.set_yticks(range(len(names)), names)
         axis.set_title(f"Acoustic-token {title}")
@@ -213,6 +214,8 @@ def checkpoint_curve(
     figure = Figure(figsize=(6, 4), layout="constrained")
     axis = figure.subplots()
     axis.errorbar(xs, means, yerr=stds, marker="o", capsize=2)
+    low, high = min(np.subtract(means, stds)), max(np.add(means, stds))
+    axis.set_ylim(max(0.0, low - 2), min(100.0, high + 2))  # a score is a percentage
     axis.set_xlabel("updates (all stages)")
     axis.set_ylabel("test ROC-AUC (%, ± std over seeds)")
     axis.set_title(title)
