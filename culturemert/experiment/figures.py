@@ -223,7 +223,7 @@ def checkpoint_curve(
 
 
 def training_curves(
-    curves: dict[str, dict], keys: list[str], ylabel: str, title: str, path: Path
+    curves: dict[str, dict], keys: list[str], ylabel: str, title: str, path: Path, log_scale: bool = False
 ) -> Path | None:
     """Figs 4.9-4.11: `keys` of each run's fairseq log against updates, stages joined, a dotted
     line where a stage starts."""
@@ -250,6 +250,8 @@ def training_curves(
         axis.set_title(f"{name} ({', '.join(stages)})")
         axis.set_xlabel("updates (dotted: next stage)")
         axis.set_ylabel(ylabel)
+        if log_scale:
+            axis.set_yscale("log")
         if len(keys) > 1:
             axis.legend(fontsize="x-small", ncols=2)
     figure.suptitle(title)

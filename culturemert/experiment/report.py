@@ -86,7 +86,12 @@ def write_report(experiment: Experiment, plan: Plan, folder: Path) -> list[Path]
     )
     plots |= {
         "fig_4_9_loss.png": lambda p: figures.training_curves(
-            curves, ["loss", "loss_acoustic", "loss_cqt"], "training loss", "Training loss per stage", p
+            curves,
+            ["loss", "loss_acoustic", "loss_cqt"],
+            "training loss (log scale)",
+            "Training loss per stage: total = α·acoustic + β·CQT",
+            p,
+            log_scale=True,
         ),
         "fig_4_10_codebook_loss.png": lambda p: figures.training_curves(
             curves, codebooks, "cross-entropy", "Per-codebook loss (EnCodec codebooks cb0-cb7)", p
