@@ -36,6 +36,11 @@ class Plan:
         self.experiment = experiment
         self.out = Path(experiment.out)
         self.models: dict[str, tuple[Path, str | None]] = {}  # name -> (checkpoint, step making it)
+        self.data: dict[str, str] = {}  # run -> the run whose prepared data it trains on
+        first: dict[tuple, str] = {}
+        for run in experiment.runs:  # ablations on the same data share one preparation
+            key = (run.data, tuple(run.cultures), run.replay, run.replay_stages)
+            self.data[run.name] = first.setdefault(key, run.name)
 
     def steps(self) -> Iterator[Step]:
         e = self.experiment
@@ -43,7 +48,8 @@ class Plan:
             yield self.render()
         yield from self.start()
         for run in e.runs:
-            yield self.prepare(run)
+            if self.data[run.name] == run.name:
+                yield self.prepare(run)
         yield from self.teacher()
         for run in e.runs:
             yield self.cpt(run)
@@ -124,7 +130,7 @@ class Plan:
             return
         folder = self.out / "teacher"
         self.teacher_path, self.teacher_step = folder / "teacher.th", "teacher"
-        manifest = self.out / "data" / t.from_data_run / "stage2" / "train.tsv"
+        manifest = self.out / "data" / self.data[t.from_data_run] / "stage2" / "train.tsv"
         arguments = ["--manifest", manifest, "--from-data-seed", t.seed, "--save-teacher", self.teacher_path]
         yield Step(
             "teacher",
@@ -132,7 +138,7 @@ class Plan:
             lambda: call_tool("extract_tokens", [*arguments, "--out", folder / "calibration"]),
             [self.teacher_path],
             settings={"seed": t.seed},
-            after=[f"data/{t.from_data_run}"],
+            after=[f"data/{self.data[t.from_data_run]}"],
         )
 
     def _teacher_link(self) -> tuple[list[Path], list[str]]:
@@ -152,7 +158,7 @@ class Plan:
         env = {
             "INIT": str(start.resolve()),
             "NAME": run.name,
-            "MANIFESTS": str((self.out / "data" / run.name).resolve()),
+            "MANIFESTS": str((self.out / "data" / self.data[run.name]).resolve()),
             "TOKENS": str((folder / "tokens").resolve()),
             "ENCODEC": str(self.teacher_path.resolve()),
             "CPT_OUT": str(folder.parent.resolve()),
@@ -171,7 +177,7 @@ class Plan:
             [checkpoint, folder / "hf" / "config.json"],
             settings={**asdict(run), "preset": e.preset},
             inputs=([start] if start_step is None else []) + teacher_inputs,
-            after=[f"data/{run.name}", *([start_step] if start_step else []), *teacher_after],
+            after=[f"data/{self.data[run.name]}", *([start_step] if start_step else []), *teacher_after],
         )
 
     def merge(self, merge) -> Step:
