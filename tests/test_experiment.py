@@ -175,3 +175,42 @@ def test_bad_experiment_files_are_one_line_errors(tmp_path, capsys):
         load_experiment(TINY, ["merges=[{name: x, runs: [nope]}]"])
     assert main([str(TINY), "--dry-run", f"out={tmp_path}"]) == 0
     assert "cpt/fiddle" in capsys.readouterr().out
+
+
+def test_steps_run_only_what_is_missing_and_never_reuse_unproven_state(tmp_path):
+    from culturemert.experiment.steps import Runner, Step, StepError
+
+    source = tmp_path / "input.txt"
+    source.write_text("a")
+    calls = []
+
+    def make(name: str, after: list[str] = ()) -> Step:
+        folder = tmp_path / name
+
+        def action() -> None:
+            calls.append(name)
+            (folder / "keep.txt").write_text(source.read_text() + str((folder / "partial").exists()))
+
+        return Step(name, folder, action, [folder / "keep.txt"], inputs=[source], after=list(after))
+
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls == ["first", "second"]
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls == ["first", "second"]  # done: skipped
+    source.write_text("b")  # a changed input reruns the step and what depends on it, afresh
+    (tmp_path / "first" / "stale").write_text("x")
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls[2:] == ["first", "second"] and not (tmp_path / "first" / "stale").exists()
+    # killed while running: the same inputs resume in place (the tool's partial state is kept)
+    record = json.loads((tmp_path / "second" / "step.json").read_text())
+    (tmp_path / "second" / "step.json").write_text(json.dumps({**record, "status": "running"}))
+    (tmp_path / "second" / "partial").write_text("")
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls[4:] == ["second"] and (tmp_path / "second" / "keep.txt").read_text() == "bTrue"
+    # a folder that no step.json vouches for is removed before the step runs
+    (tmp_path / "second" / "step.json").unlink()
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls[5:] == ["second"] and (tmp_path / "second" / "keep.txt").read_text() == "bFalse"
+    source.unlink()
+    with pytest.raises(StepError, match="input.txt: input not found"):
+        Runner().run([make("first")])
