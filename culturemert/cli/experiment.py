@@ -19,7 +19,6 @@ from pathlib import Path
 from culturemert.cli import command
 from culturemert.experiment.config import load_experiment
 from culturemert.experiment.plan import Plan
-from culturemert.experiment.report import write_report
 from culturemert.experiment.steps import Runner, Step
 
 logger = logging.getLogger("experiment")
@@ -41,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         for step in plan.steps():
             print(step.name)
         return 0
+    from culturemert.experiment.report import write_report  # matplotlib: after logging is configured
+
     runner = Runner()
     runner.run(plan.steps())
     folder = Path(experiment.out) / "report"
