@@ -256,3 +256,40 @@ def training_curves(
             axis.legend(fontsize="x-small", ncols=2)
     figure.suptitle(title)
     return _save(figure, path)
+
+
+def layerwise(runs: list[dict], models: list[str], tasks: list[str], path: Path) -> Path | None:
+    """Fig 4.7: test ROC-AUC (mean ± std over seeds) per layer, a panel per task, a line per model;
+    the weighted sum of all layers as a dashed level."""
+    by_key = {(r["model"], r["task"], str(r["layer"])): r for r in runs}
+    layers = sorted({int(r["layer"]) for r in runs if str(r["layer"]).isdigit()})
+    if len(layers) < 2 or not tasks:
+        return None
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    figure = Figure(figsize=(2.5 + 3.6 * columns, 0.4 + 3.4 * rows), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, sharey=True)).ravel()
+    for axis in axes[len(tasks) :]:
+        axis.set_visible(False)
+    for axis, task in zip(axes, tasks):
+        for index, model in enumerate(models):
+            points = [(layer, by_key.get((model, task, str(layer)))) for layer in layers]
+            points = [(layer, run) for layer, run in points if run is not None]
+            if points:
+                means = [100 * run["mean"]["roc_auc"] for _, run in points]
+                stds = [100 * run["std"]["roc_auc"] for _, run in points]
+                xs = [layer for layer, _ in points]
+                axis.errorbar(xs, means, yerr=stds, marker="o", capsize=2, color=f"C{index}", label=model)
+            weighted = by_key.get((model, task, "all"))
+            if weighted is not None:
+                axis.axhline(
+                    100 * weighted["mean"]["roc_auc"], color=f"C{index}", linestyle="--", linewidth=1
+                )
+        axis.set_title(_title(task))
+        axis.set_xticks(layers)
+        axis.set_xlabel("layer (dashed: weighted sum of all)")
+    for axis in axes[::columns]:
+        axis.set_ylabel("test ROC-AUC (%, ± std over seeds)")
+    axes[columns - 1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.suptitle("Layer-wise probing ROC-AUC")
+    return _save(figure, path)

@@ -17,7 +17,6 @@ from culturemert.experiment.tables import (
     write_tables,
 )
 from culturemert.files import write_atomically
-from culturemert.probing.report import plot_layerwise
 
 DESCRIPTIONS = {
     "table_4_1.md": "Table 4.1: ROC-AUC and AP per model and dataset (also .csv, in fractions)",
@@ -77,7 +76,7 @@ def write_report(experiment: Experiment, plan: Plan, folder: Path) -> list[Path]
         "fig_4_6_sweep_vs_multi.png": lambda p: figures.sweep_average(
             cells, sweep_models, experiment.report.multi, targets, p
         ),
-        "fig_4_7_layerwise.png": lambda p: plot_layerwise(runs, p) if runs else None,
+        "fig_4_7_layerwise.png": lambda p: figures.layerwise(runs, models, tasks, p),
         "fig_4_8_checkpoints.png": lambda p: _checkpoint_figure(experiment, runs, p),
     }
     curves = {run.name: run_curves(out / "cpt" / run.name) for run in experiment.runs}
