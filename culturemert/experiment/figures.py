@@ -288,6 +288,8 @@ def layerwise(runs: list[dict], models: list[str], tasks: list[str], path: Path)
         axis.set_title(_title(task))
         axis.set_xticks(layers)
         axis.set_xlabel("layer (dashed: weighted sum of all)")
+    low, high = axes[0].get_ylim()
+    axes[0].set_ylim(max(low, 0.0), min(high, 100.0))  # shared: a score is a percentage
     for axis in axes[::columns]:
         axis.set_ylabel("test ROC-AUC (%, ± std over seeds)")
     axes[columns - 1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
