@@ -1,0 +1,216 @@
+"""The experiment driver end to end on rendered music: every table and figure, resumption after
+a SIGKILL, numbers equal to scikit-learn on the saved predictions, and skipping what is done."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from sklearn.metrics import roc_auc_score
+
+from culturemert.cli.experiment import main
+from culturemert.experiment.config import ExperimentError, load_experiment
+from culturemert.experiment.logs import stage_curves
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "experiments" / "tiny.yaml"
+FIGURES = [
+    "fig_4_1_roc_auc.png",
+    "fig_4_2_transfer.png",
+    "fig_4_3_token_similarity.png",
+    "fig_4_4_lambda_sweep.png",
+    "fig_4_5_task_vectors.png",
+    "fig_4_6_sweep_vs_multi.png",
+    "fig_4_7_layerwise.png",
+    "fig_4_8_checkpoints.png",
+    "fig_4_9_loss.png",
+    "fig_4_10_codebook_loss.png",
+    "fig_4_11_grad_norm.png",
+]
+TABLES = ["table_4_1.md", "table_4_1.csv", "table_4_2.md", "table_4_2.csv", "layers.md"]
+
+
+def small_experiment(folder: Path) -> Path:
+    """configs/experiments/tiny.yaml made smaller: fewer pieces, the two target runs from the random
+    start with 4 updates per stage, two layers, 2 seeds."""
+    config = OmegaConf.load(TINY)
+    config.out = str(folder / "out")
+    config.render.domains = {
+        "western": {"bach": 5, "palestrina": 5},
+        "fiddle": {"fiddle": 10},
+        "essen": {"essen": 10},
+    }
+    config.render.seconds = 6
+    config.teacher.from_data_run = "fiddle"
+    config.runs = [run for run in config.runs if run.name in ("fiddle", "essen")]
+    for run in config.runs:
+        run.init = None
+        run.overrides = ["optimization.max_update=4"]
+    config.runs[0].checkpoint_interval = 2
+    config.merges[0].base = None
+    config.merges[0].lambdas = [0.5, 1.0]
+    config.similarity = {
+        "fiddle": "${out}/cpt/fiddle/tokens/stage2/train",
+        "essen": "${out}/cpt/essen/tokens/stage2/train",
+        "essen-valid": "${out}/data/essen/stage2/valid.tsv",  # a manifest: tokens extracted
+    }
+    config.probing.layers = [1, 2, "all"]
+    config.probing.fit_flags = ["--lrs", "1e-3", "--max-epochs", "8", "--threads", "1", "--standardize"]
+    config.report.baseline = "random-init"
+    config.report.multi = "essen"  # stands in for the multi-culture model of Fig 4.6
+    config.report.resamples = 200
+    path = folder / "small.yaml"
+    path.write_text(OmegaConf.to_yaml(config))
+    return path
+
+
+def run_driver(
+    experiment: Path, *extra: str, kill_after: str | None = None
+) -> subprocess.CompletedProcess | None:
+    """The real command line; with `kill_after`, SIGKILL the driver and its children once that
+    file exists."""
+    command = [sys.executable, str(REPO / "scripts" / "experiment.py"), str(experiment), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if kill_after is None:
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    while not Path(kill_after).exists():
+        assert process.poll() is None, "the driver ended before the step to kill it in"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the tool it runs, as a power cut would
+    process.wait()
+    return None
+
+
+def cells(path: Path) -> dict[tuple[str, str, str], dict]:
+    with open(path, newline="") as handle:
+        return {(row["model"], row["task"], row["metric"]): row for row in csv.DictReader(handle)}
+
+
+def test_tiny_experiment_end_to_end_with_a_kill(tmp_path):
+    experiment = small_experiment(tmp_path)
+    out = tmp_path / "out"
+    # killed during continual pre-training of the fiddle run (its stage 1 has started)
+    run_driver(experiment, kill_after=str(out / "cpt" / "fiddle" / "stage1" / "hydra"))
+    assert not (out / "report").exists()
+    result = run_driver(experiment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = out / "report"
+    for name in [*TABLES, *FIGURES, "README.md"]:
+        assert (report / name).is_file(), name
+    readme = (report / "README.md").read_text()
+    assert all(name in readme for name in FIGURES)
+
+    # every reported number equals scikit-learn on the saved predictions of the chosen run
+    table = cells(report / "table_4_1.csv")
+    for (model, task, metric), row in table.items():
+        if metric != "roc_auc":
+            continue
+        folder = out / "probes" / model.replace(" ", "_") / task / row["layer"]
+        with np.load(folder / "predictions.npz") as data:
+            y_true, scores = data["y_true"], data["scores"]
+        kept = (y_true.sum(axis=0) > 0) & (y_true.sum(axis=0) < len(y_true))
+        per_seed = [roc_auc_score(y_true[:, kept], s[:, kept], average="macro") for s in scores]
+        assert float(row["mean"]) == pytest.approx(np.mean(per_seed), abs=1e-9)
+        assert float(row["ci_low"]) <= float(row["ci_high"])
+        results = json.loads((folder / "results.json").read_text())
+        assert float(row["mean"]) == pytest.approx(results["mean"]["roc_auc"], abs=1e-6)
+    assert table[("random-init", "western", "roc_auc")]["difference"] == ""
+    assert table[("fiddle", "western", "roc_auc")]["significant"] in ("True", "False")
+
+    # a rerun does nothing and leaves the same tables; a changed probing setting reruns the fits only
+    before = (report / "table_4_1.csv").read_text()
+    again = run_driver(experiment)
+    assert again.returncode == 0 and "ran 0 steps" in again.stderr
+    assert (report / "table_4_1.csv").read_text() == before
+    changed = run_driver(experiment, "report.resamples=100")
+    assert changed.returncode == 0 and "ran 1 steps" in changed.stderr
+
+
+def test_stage_curves_parse_fairseq_simple_logs(tmp_path):
+    log = tmp_path / "hydra_train.log"
+    line = (
+        "[2026-11-30 13:15:4{0},093][train_inner][INFO] - epoch 001:      {0} / 3 loss={1}, loss_cb0=7.8, "
+        "acc_cb0=0, ups=0, bsz=2, num_updates={0}, lr=0.0005, gnorm={2}, clip=100, train_wall=1, wall=6"
+    )
+    log.write_text(
+        "\n".join(
+            [
+                line.format(1, 587.0, 83.2),
+                line.format(2, 591.2, 72.5),
+                "[x][train][INFO] - epoch 001 | loss 1",
+                line.format(2, 590.0, 70.0),
+                line.format(3, 1e-05, 79.3),
+            ]
+        )  # fmt: skip
+    )
+    curves = stage_curves(log)
+    assert curves["num_updates"] == [1, 2, 3]
+    assert curves["loss"] == [587.0, 590.0, 1e-05]  # the resumed update's last line wins
+    assert curves["gnorm"] == [83.2, 70.0, 79.3]
+
+
+def test_bad_experiment_files_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(OmegaConf.to_yaml({**OmegaConf.to_container(OmegaConf.load(TINY)), "colour": 1}))
+    with pytest.raises(ExperimentError, match="colour"):
+        load_experiment(bad)
+    with pytest.raises(ExperimentError, match="unknown runs"):
+        load_experiment(TINY, ["merges=[{name: x, runs: [nope]}]"])
+    assert main([str(TINY), "--dry-run", f"out={tmp_path}"]) == 0
+    assert "cpt/fiddle" in capsys.readouterr().out
+
+
+def test_steps_run_only_what_is_missing_and_never_reuse_unproven_state(tmp_path):
+    from culturemert.experiment.steps import Runner, Step, StepError
+
+    source = tmp_path / "input.txt"
+    source.write_text("a")
+    calls = []
+
+    def make(name: str, after: list[str] = ()) -> Step:
+        folder = tmp_path / name
+
+        def action() -> None:
+            calls.append(name)
+            (folder / "keep.txt").write_text(source.read_text() + str((folder / "partial").exists()))
+
+        return Step(name, folder, action, [folder / "keep.txt"], inputs=[source], after=list(after))
+
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls == ["first", "second"]
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls == ["first", "second"]  # done: skipped
+    source.write_text("b")  # a changed input reruns the step and what depends on it, afresh
+    (tmp_path / "first" / "stale").write_text("x")
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls[2:] == ["first", "second"] and not (tmp_path / "first" / "stale").exists()
+    # killed while running: the same inputs resume in place (the tool's partial state is kept)
+    record = json.loads((tmp_path / "second" / "step.json").read_text())
+    (tmp_path / "second" / "step.json").write_text(json.dumps({**record, "status": "running"}))
+    (tmp_path / "second" / "partial").write_text("")
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls[4:] == ["second"] and (tmp_path / "second" / "keep.txt").read_text() == "bTrue"
+    # a folder that no step.json vouches for is removed before the step runs
+    (tmp_path / "second" / "step.json").unlink()
+    Runner().run([make("first"), make("second", ["first"])])
+    assert calls[5:] == ["second"] and (tmp_path / "second" / "keep.txt").read_text() == "bFalse"
+    source.unlink()
+    with pytest.raises(StepError, match="input.txt: input not found"):
+        Runner().run([make("first")])
