@@ -16,16 +16,6 @@ import types
 import torch
 
 
-def quiet_fairseq_logging() -> None:
-    """fairseq's text_to_speech task logs an install hint for tensorboardX (an optional logger
-    CultureMERT does not use) on every start, and its wav2vec2_classification module runs
-    ``logging.basicConfig(level=DEBUG)`` on import, flooding ``fairseq-hydra-train``'s output
-    with third-party debug lines: silence the one logger and put the root back to INFO."""
-    logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
-    if logging.getLogger().level == logging.DEBUG:
-        logging.getLogger().setLevel(logging.INFO)
-
-
 def allow_fairseq_checkpoint_types() -> None:
     """torch >= 2.6 unpickles with ``weights_only=True`` by default, and fairseq relies on the
     old default when it resumes (``checkpoint_utils.load_checkpoint_to_cpu``) and when it
@@ -85,6 +75,12 @@ def apply() -> None:
     if _applied:
         return
     _applied = True
-    quiet_fairseq_logging()
+    # fairseq's text_to_speech task logs an install hint for tensorboardX (an optional logger
+    # CultureMERT does not use) while fairseq is imported: silence that one logger beforehand.
+    logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
     allow_fairseq_checkpoint_types()
     make_checkpoint_copies_atomic()
+    # fairseq's wav2vec2_classification module runs logging.basicConfig(level=DEBUG) on import
+    # (in the call above), which would flood fairseq-hydra-train's output: back to INFO.
+    if logging.getLogger().level == logging.DEBUG:
+        logging.getLogger().setLevel(logging.INFO)
