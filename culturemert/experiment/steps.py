@@ -15,7 +15,7 @@ files it reads and the fingerprints of the steps it depends on. ``step.json`` is
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import culturemert
+from culturemert.cli import run as run_cli
 from culturemert.errors import UserError
 from culturemert.files import write_json_atomically
 
@@ -40,20 +41,12 @@ class StepError(UserError):
     """A step whose tool failed; the message names the step and its log."""
 
 
-def tool_main(tool: str) -> Callable[[list[str] | None], int]:
-    """The ``main(argv)`` of the project's command-line tool `tool` (its documented command line,
-    run in this process to save an interpreter start-up per call)."""
-    spec = importlib.util.spec_from_file_location(f"_experiment_{tool}", REPO / "scripts" / f"{tool}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def call_tool(tool: str, arguments: Sequence[object]) -> None:
-    """Run ``python scripts/<tool>.py ARGUMENTS`` in this process; a failure is a `StepError`."""
+    """Run ``python scripts/<tool>.py ARGUMENTS`` in this process (``culturemert.cli.<tool>``,
+    saving an interpreter start-up per call); a failure is a `StepError`."""
     argv = [str(argument) for argument in arguments]
     logger.info("$ python scripts/%s.py %s", tool, " ".join(argv))
-    status = tool_main(tool)(argv)
+    status = run_cli(importlib.import_module(f"culturemert.cli.{tool}").main, tool, argv)
     if status != 0:
         raise StepError(f"scripts/{tool}.py {' '.join(argv)} failed (exit {status}); see the message above")
 
