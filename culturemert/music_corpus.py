@@ -9,7 +9,6 @@ can be trained on what the rendered audio really contains.
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +20,7 @@ import tinysoundfont
 from music21 import common, corpus, meter, stream
 
 from culturemert.audio import SAMPLE_RATE
+from culturemert.files import write_atomically
 
 SOUNDFONT = resources.files("pretty_midi") / "TimGM6mb.sf2"
 
@@ -154,14 +154,9 @@ def render_score(
     audio = synthesize(score, program, bpm, sample_rate, max_seconds)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
-    os.close(handle)
-    try:
-        sf.write(temp_path, audio, sample_rate, format="WAV", subtype="PCM_16")
-        os.replace(temp_path, out_path)
-    except BaseException:
-        Path(temp_path).unlink(missing_ok=True)
-        raise
+    write_atomically(
+        out_path, lambda handle: sf.write(handle, audio, sample_rate, format="WAV", subtype="PCM_16")
+    )
     return out_path
 
 

@@ -20,10 +20,8 @@ metrics of each seed, and their mean and sample standard deviation (ddof 1) over
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from culturemert.errors import UserError
+from culturemert.files import write_atomically, write_json_atomically
 from culturemert.probing.features import FeatureCache
 from culturemert.probing.metrics import METRICS, average_by_recording, evaluable_tags, tagging_metrics
 
@@ -307,12 +306,6 @@ def write_run(out_dir: str | os.PathLike, results: dict, predictions: dict[str, 
     results.json is always that of a finished run. Returns `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("predictions.npz", "results.json"):
-        handle, temporary = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-        with os.fdopen(handle, "wb") as file:
-            if name == "results.json":
-                file.write(json.dumps(results, indent=1).encode())
-            else:
-                np.savez(file, **predictions)
-        os.replace(temporary, out_dir / name)
+    write_atomically(out_dir / "predictions.npz", lambda handle: np.savez(handle, **predictions))
+    write_json_atomically(out_dir / "results.json", results)
     return out_dir

@@ -26,6 +26,7 @@ from torch import nn
 from culturemert.audio import FRAME_RATE, HOP_LENGTH
 from culturemert.compat import import_encodec
 from culturemert.errors import UserError
+from culturemert.files import write_atomically
 
 CHECKPOINT_NAME = "encodec_24khz-d7cc33bc.th"
 CHECKPOINT_URL = f"https://dl.fbaipublicfiles.com/encodec/v0/{CHECKPOINT_NAME}"  # encodec's ROOT_URL
@@ -118,9 +119,7 @@ class EncodecTeacher(nn.Module):
         model.quantizer.load_state_dict(self.quantizer.state_dict())
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        torch.save(model.state_dict(), partial)
-        os.replace(partial, path)
+        write_atomically(path, lambda handle: torch.save(model.state_dict(), handle))
 
     @torch.no_grad()
     def _init_codebooks(self, calibration_audio: torch.Tensor, rng: np.random.Generator) -> None:
