@@ -19,7 +19,6 @@ Thesis 3.1: segments are 24 kHz mono, written as 16-bit FLAC. Policies:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -34,20 +33,11 @@ from culturemert.audio import SAMPLE_RATE, AudioError, stream_audio
 from culturemert.data.budgets import Segment
 from culturemert.data.sources import Recording
 from culturemert.files import write_atomically, write_json_atomically
+from culturemert.fingerprint import file_sha256
 
 SEGMENT_FORMAT = ("FLAC", "PCM_16")  # soundfile format and subtype of the written segments
-HASH_CHUNK = 1 << 20
 
 logger = logging.getLogger(__name__)
-
-
-def content_fingerprint(path: Path) -> str:
-    """sha256 of the bytes of the file at `path`."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sidecar(recording: Recording, audio_out: Path) -> Path:
@@ -144,7 +134,7 @@ def write_segments(
     ):
         name = f"{recording.source}/{recording.id}"
         record_path = sidecar(recording, audio_out)
-        record = {"sha256": content_fingerprint(recording.path), "segment_samples": segment_samples}
+        record = {"sha256": file_sha256(recording.path), "segment_samples": segment_samples}
         previous = _read_record(record_path)
         chosen = by_recording[recording]
         if previous == record:

@@ -29,6 +29,7 @@ import culturemert
 from culturemert.cli import run as run_cli
 from culturemert.errors import UserError
 from culturemert.files import write_json_atomically
+from culturemert.fingerprint import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,7 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     path = Path(path)
     digest = hashlib.sha256()
     if path.is_file():
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
+        file_sha256(path, digest)
     elif path.is_dir():
         for item in sorted(p for p in path.rglob("*") if p.is_file()):
             stat = item.stat()

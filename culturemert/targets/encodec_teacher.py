@@ -27,6 +27,7 @@ from culturemert.audio import FRAME_RATE, HOP_LENGTH
 from culturemert.compat import import_encodec
 from culturemert.errors import UserError
 from culturemert.files import write_atomically
+from culturemert.fingerprint import file_sha256
 
 CHECKPOINT_NAME = "encodec_24khz-d7cc33bc.th"
 CHECKPOINT_URL = f"https://dl.fbaipublicfiles.com/encodec/v0/{CHECKPOINT_NAME}"  # encodec's ROOT_URL
@@ -77,7 +78,7 @@ class EncodecTeacher(nn.Module):
                 f"{path}: not the EnCodec 24 kHz checkpoint ({type(err).__name__}: {err}); "
                 f"download {CHECKPOINT_URL} again"
             ) from err
-        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        sha256 = file_sha256(path)
         return cls(model, {"codec": "encodec_24khz", "checkpoint": path.name, "sha256": sha256})
 
     @classmethod

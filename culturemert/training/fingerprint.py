@@ -26,6 +26,7 @@ from pathlib import Path
 import culturemert
 from culturemert.errors import UserError, listing
 from culturemert.files import write_json_atomically
+from culturemert.fingerprint import file_sha256
 
 FINGERPRINT = "fingerprint.json"
 LOCK = "lock"
@@ -37,20 +38,12 @@ class RunFolderError(UserError):
     """A run folder that holds another run's state, or that another process is using."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sha256_files(paths: list[Path], root: Path) -> str:
     """One hash over the names (relative to ``root``) and contents of ``paths``."""
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(sha256_file(path).encode())
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from culturemert.checkpoint import convert
 from culturemert.data.manifest import ManifestError, read_manifest
 from culturemert.errors import UserError
+from culturemert.fingerprint import file_sha256
 from culturemert.targets.token_cache import TokenCache, TokenCacheError
 from culturemert.training import config as configs
 from culturemert.training import fingerprint, start
@@ -119,7 +120,7 @@ def launch(settings: Settings) -> Path:
         data = {stage: stage_data(settings, stage) for stage in stages}
         if settings.init is None:
             model = settings.configs / TINY_MODEL
-            init = {"random": TINY_MODEL, "sha256": fingerprint.sha256_file(model), "seed": 0}
+            init = {"random": TINY_MODEL, "sha256": file_sha256(model), "seed": 0}
             first = start.random_start(model, seed=0)
         else:
             init = start.identify(settings.init)
@@ -159,7 +160,7 @@ def stage_data(settings: Settings, stage: int) -> dict[str, str]:
             problems.append(str(error))
             continue
         hashes[f"{split}.tsv"] = manifest.checksum()
-        hashes[f"tokens/{split}/meta.json"] = fingerprint.sha256_file(cache / "meta.json")
+        hashes[f"tokens/{split}/meta.json"] = file_sha256(cache / "meta.json")
     if problems:
         raise UserError(
             "the run's manifests and token caches do not fit together (rebuild a stale cache: delete "

@@ -28,9 +28,10 @@ from culturemert.checkpoint import (
     read_hf,
     save_fairseq,
 )
+from culturemert.fingerprint import file_sha256
 from culturemert.hf_format import HEAD_PREFIXES
 from culturemert.models.mert import MertConfig, MertModel
-from culturemert.training.fingerprint import sha256_file, sha256_files
+from culturemert.training.fingerprint import sha256_files
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def identify(init: Path) -> dict:
             f"start checkpoint {init} not found: get MERT-v1-95M_fairseq.pt (README, 'Weights') or set INIT "
             "to a fairseq .pt or a Hugging Face folder"
         )
-    return {"path": str(init), "sha256": sha256_file(init)}
+    return {"path": str(init), "sha256": file_sha256(init)}
 
 
 def random_start(config: Path, seed: int) -> Start:
