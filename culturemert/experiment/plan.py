@@ -5,9 +5,10 @@ merges -> token caches and token similarity -> probing (extract per model and ta
 layer) -> probes over a run's kept checkpoints (Fig 4.8) -> report. The plan is a generator: the
 checkpoint probes are planned once the run that keeps them has finished.
 
-Folders under the experiment's ``out``: render/, start/, data/<run>/, teacher/, cpt/<run>/,
-merge/<name>/, tokens/<set>/, similarity/, features/<model>/<task>/,
-probes/<model>/<task>/<layer>/, checkpoints/<run>/<updates>/..., report/.
+Folders under the experiment's ``out``: render/, start/, data/<run>/, teacher/, cpt/<run>/
+(the run itself in cpt/<run>/run/), merge/<name>/ (the merge in merge/<name>/merged/),
+tokens/<set>/, similarity/, features/<model>/<task>/, probes/<model>/<task>/<layer>/,
+checkpoints/<run>/<updates>/..., report/.
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ def slug(name: str) -> str:
     """A model name as a folder name."""
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name)
 
+
+
+def run_folder(out: Path, name: str) -> Path:
+    """The folder ``run_cpt.sh`` writes a CPT run into: inside the step's folder ``cpt/<name>/``
+    (which holds the step's record, log and token caches), since a run folder holds its own
+    files only."""
+    return out / "cpt" / name / "run"
+
+
+def merge_folder(out: Path, name: str) -> Path:
+    """The folder ``merge.py`` writes a merge into, inside the step's folder ``merge/<name>/``
+    (merge.py replaces its output folder whole and refuses files it did not write)."""
+    return out / "merge" / name / "merged"
 
 class Plan:
     """Paths and steps of one experiment (module docstring)."""
@@ -157,15 +171,15 @@ class Plan:
             ]
         env = {
             "INIT": str(start.resolve()),
-            "NAME": run.name,
+            "NAME": run_folder(self.out, run.name).name,
             "MANIFESTS": str((self.out / "data" / self.data[run.name]).resolve()),
             "TOKENS": str((folder / "tokens").resolve()),
             "ENCODEC": str(self.teacher_path.resolve()),
-            "CPT_OUT": str(folder.parent.resolve()),
+            "CPT_OUT": str(folder.resolve()),
             "PRESET": e.preset or "",
             "ABLATION": run.ablation or "",
         }
-        checkpoint = folder / "stage2" / "checkpoint_last.pt"
+        checkpoint = run_folder(self.out, run.name) / "stage2" / "checkpoint_last.pt"
         teacher_inputs, teacher_after = self._teacher_link()
         self.models[run.name] = (checkpoint, f"cpt/{run.name}")
         return Step(
@@ -174,7 +188,7 @@ class Plan:
             lambda: run_command(
                 ["bash", REPO / "scripts" / "run_cpt.sh", run.config, *overrides], folder / "cpt.log", env
             ),
-            [checkpoint, folder / "hf" / "config.json"],
+            [checkpoint, run_folder(self.out, run.name) / "hf" / "config.json"],
             settings={**asdict(run), "preset": e.preset},
             inputs=([start] if start_step is None else []) + teacher_inputs,
             after=[f"data/{self.data[run.name]}", *([start_step] if start_step else []), *teacher_after],
@@ -186,17 +200,18 @@ class Plan:
         base, base_step = self.models[merge.base or e.start.name]
         arguments: list[object] = ["--base", base, "--models"]
         arguments += [self.models[run][0] for run in merge.runs]
-        arguments += ["--out", folder, "--method", merge.method]
+        merged = merge_folder(self.out, merge.name)
+        arguments += ["--out", merged, "--method", merge.method]
         if merge.density is not None:
             arguments += ["--density", merge.density]
         if len(merge.lambdas) == 1:
             arguments += ["--lambda", merge.lambdas[0]]
-            outputs = {merge.name: folder / "checkpoint.pt"}
+            outputs = {merge.name: merged / "checkpoint.pt"}
         else:
             arguments += ["--sweep", ",".join(map(repr, merge.lambdas))]
             names = merged_models(merge)
             outputs = {
-                name: folder / f"lambda_{value!r}" / "checkpoint.pt"
+                name: merged / f"lambda_{value!r}" / "checkpoint.pt"
                 for name, value in zip(names, merge.lambdas)
             }
         if len(merge.runs) > 1:
@@ -301,7 +316,7 @@ class Plan:
     def kept_checkpoints(self, run: str) -> list[tuple[int, Path]]:
         """The checkpoints a run kept at its interval, by update count summed over its stages."""
         kept, offset = [], 0
-        for stage in sorted((self.out / "cpt" / run).glob("stage*")):
+        for stage in sorted(run_folder(self.out, run).glob("stage*")):
             found = sorted(
                 (int(match[1]), path)
                 for path in stage.glob("checkpoint_*_*.pt")

@@ -8,7 +8,7 @@ from pathlib import Path
 from culturemert.experiment import figures
 from culturemert.experiment.config import Experiment, model_names
 from culturemert.experiment.logs import run_curves
-from culturemert.experiment.plan import Plan
+from culturemert.experiment.plan import Plan, merge_folder, run_folder
 from culturemert.experiment.tables import (
     load_probe_runs,
     ordered_models,
@@ -60,18 +60,14 @@ def write_report(experiment: Experiment, plan: Plan, folder: Path) -> list[Path]
         [] if sweep is None else [name for name in models if name.startswith(f"{sweep.name} lambda_")]
     )
     labels = {str(plan.models[run][0]): run for run in plan.models}
+    similarity_tables = [merge_folder(out, m.name) / "task_vector_similarity.csv" for m in experiment.merges]
     plots = {
         "fig_4_1_roc_auc.png": lambda p: figures.bars(cells, models, tasks, p),
         "fig_4_2_transfer.png": lambda p: figures.transfer_matrix(cells, baseline, models, tasks, p),
         "fig_4_3_token_similarity.png": lambda p: figures.token_similarity(out / "similarity" / "tables", p),
         "fig_4_4_lambda_sweep.png": lambda p: figures.lambda_sweep(cells, sweep_models, baseline, tasks, p),
         "fig_4_5_task_vectors.png": lambda p: next(
-            (
-                figures.task_vector_cosine(out / "merge" / m.name / "task_vector_similarity.csv", labels, p)
-                for m in experiment.merges
-                if (out / "merge" / m.name / "task_vector_similarity.csv").is_file()
-            ),
-            None,
+            (figures.task_vector_cosine(csv, labels, p) for csv in similarity_tables if csv.is_file()), None
         ),
         "fig_4_6_sweep_vs_multi.png": lambda p: figures.sweep_average(
             cells, sweep_models, experiment.report.multi, targets, p
@@ -79,7 +75,7 @@ def write_report(experiment: Experiment, plan: Plan, folder: Path) -> list[Path]
         "fig_4_7_layerwise.png": lambda p: figures.layerwise(runs, models, tasks, p),
         "fig_4_8_checkpoints.png": lambda p: _checkpoint_figure(experiment, runs, p),
     }
-    curves = {run.name: run_curves(out / "cpt" / run.name) for run in experiment.runs}
+    curves = {run.name: run_curves(run_folder(out, run.name)) for run in experiment.runs}
     codebooks = sorted(
         {k for stages in curves.values() for v in stages.values() for k in v if k.startswith("loss_cb")}
     )
