@@ -20,6 +20,7 @@ from sklearn.metrics import roc_auc_score
 from culturemert.cli.experiment import main
 from culturemert.experiment.config import ExperimentError, load_experiment
 from culturemert.experiment.logs import stage_curves
+from culturemert.experiment.plan import run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "experiments" / "tiny.yaml"
@@ -107,7 +108,7 @@ def test_tiny_experiment_end_to_end_with_a_kill(tmp_path):
     experiment = small_experiment(tmp_path)
     out = tmp_path / "out"
     # killed during continual pre-training of the fiddle run (its stage 1 has started)
-    run_driver(experiment, kill_after=str(out / "cpt" / "fiddle" / "stage1" / "hydra"))
+    run_driver(experiment, kill_after=str(run_folder(out, "fiddle") / "stage1" / "hydra"))
     assert not (out / "report").exists()
     result = run_driver(experiment)
     assert result.returncode == 0, result.stderr[-3000:]
