@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from culturemert.probing.report import TASK_TITLES, lambda_of
+from culturemert.probing.report import TASK_TITLES, lambda_of, panels
 
 DPI = 120
 
@@ -152,12 +152,7 @@ def lambda_sweep(cells: dict, sweep: list[str], baseline: str, tasks: list[str],
     points = sorted((lambda_of(model), model) for model in sweep if lambda_of(model) is not None)
     if len(points) < 2:
         return None
-    columns = min(3, len(tasks))
-    rows = -(-len(tasks) // columns)
-    figure = Figure(figsize=(4.2 * columns, 3.3 * rows), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
-    for axis in axes[len(tasks) :]:
-        axis.set_visible(False)
+    figure, axes, _ = panels(len(tasks), (4.2, 3.3))
     for axis, task in zip(axes, tasks):
         present = [(value, _percent(cells[(m, task)])) for value, m in points if (m, task) in cells]
         if present:
@@ -230,12 +225,7 @@ def training_curves(
     runs = {name: stages for name, stages in curves.items() if stages}
     if not runs:
         return None
-    columns = min(3, len(runs))
-    rows = -(-len(runs) // columns)
-    figure = Figure(figsize=(4.5 * columns, 3.3 * rows), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
-    for axis in axes[len(runs) :]:
-        axis.set_visible(False)
+    figure, axes, _ = panels(len(runs), (4.5, 3.3))
     for axis, (name, stages) in zip(axes, runs.items()):
         offset = 0
         for stage, values in stages.items():
@@ -265,12 +255,7 @@ def layerwise(runs: list[dict], models: list[str], tasks: list[str], path: Path)
     layers = sorted({int(r["layer"]) for r in runs if str(r["layer"]).isdigit()})
     if len(layers) < 2 or not tasks:
         return None
-    columns = min(3, len(tasks))
-    rows = -(-len(tasks) // columns)
-    figure = Figure(figsize=(2.5 + 3.6 * columns, 0.4 + 3.4 * rows), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns, sharey=True)).ravel()
-    for axis in axes[len(tasks) :]:
-        axis.set_visible(False)
+    figure, axes, columns = panels(len(tasks), (3.6, 3.4), (2.5, 0.4), sharey=True)
     for axis, task in zip(axes, tasks):
         for index, model in enumerate(models):
             points = [(layer, by_key.get((model, task, str(layer)))) for layer in layers]

@@ -142,6 +142,22 @@ def markdown_tables(runs: list[dict]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def panels(
+    count: int, panel: tuple[float, float], margin: tuple[float, float] = (0.0, 0.0), **subplots
+) -> tuple[Figure, np.ndarray, int]:
+    """A constrained figure of `count` panels in rows of at most three, each about `panel`
+    inches (plus `margin` for the whole figure); returns it, its axes (those past `count`
+    hidden) and the number of columns."""
+    columns = min(3, count)
+    rows = -(-count // columns)
+    size = (margin[0] + panel[0] * columns, margin[1] + panel[1] * rows)
+    figure = Figure(figsize=size, layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, **subplots)).ravel()
+    for axis in axes[count:]:
+        axis.set_visible(False)
+    return figure, axes, columns
+
+
 def plot_layerwise(runs: list[dict], out_path: PathLike) -> Path | None:
     """Test ROC-AUC against the layer (module docstring); None when no task has runs of two layers."""
     tasks = _ordered([run["task"] for run in runs], BUILTIN_TASKS)
@@ -151,12 +167,7 @@ def plot_layerwise(runs: list[dict], out_path: PathLike) -> Path | None:
     if not tasks:
         return None
     models = _ordered([run["model"] for run in runs])
-    columns = min(3, len(tasks))
-    rows = -(-len(tasks) // columns)
-    figure = Figure(figsize=(4.8 * columns, 3.6 * rows), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
-    for axis in axes[len(tasks) :]:
-        axis.set_visible(False)
+    figure, axes, _ = panels(len(tasks), (4.8, 3.6))
     for axis, task in zip(axes, tasks):
         for color, model in enumerate(models):
             by_layer = {run["layer"]: run for run in runs if run["task"] == task and run["model"] == model}
