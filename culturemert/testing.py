@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from culturemert.hf_format import hf_config_from_mert, to_hf_state_dict
 from culturemert.models.mert import MertConfig, MertModel
-from culturemert.targets.cqt import CQTSettings, CQTTeacher
+from culturemert.targets.cqt import CQTSettings, nnaudio_cqt
 
 # Settings of the MERT-v1 release's model config that MertConfig has no field for; a reader must
 # ignore them (values as in the release's pre-training YAML).
@@ -120,7 +120,7 @@ def write_release_checkpoint(
     published file's size is then about the model's)."""
     cfg = cfg or MertConfig()
     state = _random_model(cfg, seed).state_dict()
-    kernels = CQTTeacher(CQTSettings(n_bins=cfg.cqt_bins)).transform.state_dict()
+    kernels = nnaudio_cqt(CQTSettings(n_bins=cfg.cqt_bins)).state_dict()
     state.update({f"encoder_cqt_model.spec_layer.{k}": v for k, v in kernels.items()})
     updates = 400_000
     model_cfg = {**RELEASE_MODEL_EXTRAS, **dataclasses.asdict(cfg), "_name": "mert"}
