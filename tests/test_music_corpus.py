@@ -16,6 +16,7 @@ from culturemert.music_corpus import (
     render_score,
     synthesize,
     tempo_bucket,
+    tuning_cents,
 )
 
 
@@ -32,6 +33,33 @@ def test_a_rendered_a4_sounds_at_440_hz():
     peak_hz = np.argmax(spectrum) * SAMPLE_RATE / (2 * SAMPLE_RATE)
     assert round(69 + 12 * np.log2(peak_hz / 440.0)) == 69  # the nearest MIDI key is A4
     assert np.abs(audio).max() == pytest.approx(10 ** (-1 / 20), rel=1e-5)
+
+
+def _peak_hz(audio: np.ndarray) -> float:
+    """The strongest frequency of the first 2 s, to 0.5 Hz (a 2 s DFT), refined by the centre of
+    mass of the peak's neighbours."""
+    spectrum = np.abs(np.fft.rfft(audio[: 2 * SAMPLE_RATE]))
+    peak = int(np.argmax(spectrum))
+    near = spectrum[peak - 2 : peak + 3]
+    return float((np.arange(peak - 2, peak + 3) * near).sum() / near.sum()) / 2
+
+
+@pytest.mark.parametrize(("tuning", "tonic", "expected_cents"), [("shifted", 0, 50), ("neutral", 5, -50)])
+def test_a_tuned_a4_sounds_off_the_equal_tempered_one_by_its_cents(tuning, tonic, expected_cents):
+    """A4 is the major third of F: neutral tuning lowers it a quarter tone; shifted raises every
+    pitch a quarter tone (thesis 1.1: tunings off 12-TET). Measured against the same sample
+    untuned (the soundfont's samples are themselves a few cents off)."""
+    cents = tuning_cents(tuning, tonic)
+    assert cents[9] == expected_cents
+    equal = synthesize(_held_note("A4", 4), program=INSTRUMENTS["sitar"], bpm=60)
+    tuned = synthesize(_held_note("A4", 4), program=INSTRUMENTS["sitar"], bpm=60, cents=cents)
+    assert 1200 * np.log2(_peak_hz(tuned) / _peak_hz(equal)) == pytest.approx(expected_cents, abs=3)
+
+
+def test_transpose_moves_every_pitch_by_semitones():
+    equal = synthesize(_held_note("A4", 4), program=INSTRUMENTS["piano"], bpm=60)
+    up = synthesize(_held_note("A4", 4), program=INSTRUMENTS["piano"], bpm=60, transpose=3)
+    assert 12 * np.log2(_peak_hz(up) / _peak_hz(equal)) == pytest.approx(3, abs=0.03)
 
 
 def test_bpm_counts_beats_of_the_time_signature():
