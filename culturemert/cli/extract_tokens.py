@@ -4,10 +4,12 @@ python scripts/extract_tokens.py --manifest data/train.tsv --encodec weights/enc
     --out data/tokens/train --device cuda
 python scripts/extract_tokens.py --manifest data/train.tsv --from-data-seed 0 --out data/tokens/demo \\
     --save-teacher data/demo_teacher.th
+python scripts/extract_tokens.py --manifest data/train.tsv --from-data-seed 0 --save-teacher data/t.th
 
 --encodec is the published teacher MERT trains on. --from-data-seed builds an untrained EnCodec whose
 codebooks are drawn from a seeded sample of the manifest's own audio (for tests and offline demos;
-see culturemert.targets.encodec_teacher). An interrupted run resumes where it stopped.
+see culturemert.targets.encodec_teacher); without --out only that teacher is written. An
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher_source.add_argument(
         "--from-data-seed", type=int, help="untrained EnCodec with codebooks drawn from the manifest's audio"
     )
-    parser.add_argument("--out", required=True, help="cache folder (codes.npy, offsets.npy, meta.json)")
+    parser.add_argument(
+        "--out", help="cache folder (codes.npy, offsets.npy, meta.json); without it, only --save-teacher"
+    )
     parser.add_argument("--device", type=device, default="cpu", help="device running the teacher (cpu, cuda)")
     parser.add_argument(
         "--batch-seconds", type=float, default=BATCH_SECONDS, help="seconds of audio per teacher call"
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.save_teacher and args.from_data_seed is None:
         parser.error("--save-teacher goes with --from-data-seed")
+    if args.out is None and args.save_teacher is None:
+        parser.error("--out is required, unless --save-teacher is all that is wanted")
     if args.encodec is not None:
         teacher = EncodecTeacher.from_checkpoint(args.encodec)
     else:
@@ -96,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         teacher = EncodecTeacher.from_data(calibration, args.from_data_seed)
         if args.save_teacher:
             teacher.save(args.save_teacher)
+            if args.out is None:
+                print(args.save_teacher)
+                return 0
     out_dir = build_token_cache(
         args.manifest, teacher.to(args.device), args.out, args.batch_seconds, skip_bad=args.skip_bad
     )
