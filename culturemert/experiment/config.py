@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from culturemert.errors import UserError
+from culturemert.music_corpus import WESTERN_INSTRUMENTS
 
 
 class ExperimentError(UserError):
@@ -24,11 +25,26 @@ class ExperimentError(UserError):
 
 
 @dataclass
-class Render:
-    """Real music rendered offline (`culturemert.music_corpus`) in place of a dataset: per
-    domain, the collections and pieces rendered, split into train/valid/test per domain."""
+class Domain:
+    """One rendered domain (`culturemert.music_corpus`): pieces per collection, the instruments,
+    tunings and transposition drawn per piece, and the tags its probing task carries."""
 
-    domains: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    collections: Dict[str, int] = field(default_factory=dict)
+    instruments: List[str] = field(default_factory=lambda: list(WESTERN_INSTRUMENTS))
+    tunings: List[str] = field(default_factory=lambda: ["equal"])
+    transpose: bool = False
+    tags: List[str] = field(
+        default_factory=lambda: ["collection", "tune_type", "region", "instrument", "tempo"]
+    )
+
+
+@dataclass
+class Render:
+    """Real music rendered offline in place of a dataset: the domains, each split into
+    train/valid/test by `split` (shares), and the seconds rendered per piece."""
+
+    domains: Dict[str, Domain] = field(default_factory=dict)
+    split: Dict[str, float] = field(default_factory=lambda: {"train": 0.6, "valid": 0.2, "test": 0.2})
     seconds: float = 8.0
     seed: int = 0
 
