@@ -46,9 +46,9 @@ def small_experiment(folder: Path) -> Path:
     config = OmegaConf.load(TINY)
     config.out = str(folder / "out")
     config.render.domains = {
-        "western": {"bach": 5, "palestrina": 5},
-        "fiddle": {"fiddle": 10},
-        "essen": {"essen": 10},
+        "western": {"collections": {"bach": 5, "palestrina": 5}},
+        "fiddle": {"collections": {"fiddle": 10}},
+        "essen": {"collections": {"essen": 10}},
     }
     config.render.seconds = 6
     config.teacher.from_data_run = "fiddle"
@@ -60,8 +60,8 @@ def small_experiment(folder: Path) -> Path:
     config.merges[0].base = None
     config.merges[0].lambdas = [0.5, 1.0]
     config.similarity = {
-        "fiddle": "${out}/cpt/fiddle/tokens/stage2/train",
-        "essen": "${out}/cpt/essen/tokens/stage2/train",
+        "fiddle": "${out}/data/fiddle/tokens/stage2/train",
+        "essen": "${out}/data/essen/tokens/stage2/train",
         "essen-valid": "${out}/data/essen/stage2/valid.tsv",  # a manifest: tokens extracted
     }
     config.probing.layers = [1, 2, "all"]

@@ -5,7 +5,8 @@ merges -> token caches and token similarity -> probing (extract per model and ta
 layer) -> probes over a run's kept checkpoints (Fig 4.8) -> report. The plan is a generator: the
 checkpoint probes are planned once the run that keeps them has finished.
 
-Folders under the experiment's ``out``: render/, start/, data/<run>/, teacher/, cpt/<run>/
+Folders under the experiment's ``out``: render/, start/, data/<run>/ (with the token caches of
+the runs on that data in data/<run>/tokens/), teacher/, cpt/<run>/
 (the run itself in cpt/<run>/run/), merge/<name>/ (the merge in merge/<name>/merged/),
 tokens/<set>/, similarity/, features/<model>/<task>/, probes/<model>/<task>/<layer>/,
 checkpoints/<run>/<updates>/..., report/.
@@ -13,7 +14,9 @@ checkpoints/<run>/<updates>/..., report/.
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +24,8 @@ from pathlib import Path
 from culturemert.experiment.config import CptRun, Experiment, merged_models
 from culturemert.experiment.render import render_domains
 from culturemert.experiment.steps import REPO, Step, call_tool, run_command
+from culturemert.files import write_atomically
+from culturemert.fingerprint import file_sha256
 
 CHECKPOINT = re.compile(r"checkpoint_\d+_(\d+)\.pt$")
 
@@ -28,7 +33,6 @@ CHECKPOINT = re.compile(r"checkpoint_\d+_(\d+)\.pt$")
 def slug(name: str) -> str:
     """A model name as a folder name."""
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name)
-
 
 
 def run_folder(out: Path, name: str) -> Path:
@@ -42,6 +46,23 @@ def merge_folder(out: Path, name: str) -> Path:
     """The folder ``merge.py`` writes a merge into, inside the step's folder ``merge/<name>/``
     (merge.py replaces its output folder whole and refuses files it did not write)."""
     return out / "merge" / name / "merged"
+
+
+logger = logging.getLogger(__name__)
+
+
+def share_tokens(folder: Path, teacher: Path) -> None:
+    """Runs on the same prepared data share its token caches in `folder` (``stage<n>/<split>``,
+    built by the first run), which ``teacher.sha256`` ties to the teacher file: caches of another
+    teacher are removed (they cannot be used and would be refused) before the run rebuilds them."""
+    teacher_hash = file_sha256(teacher)
+    marker = folder / "teacher.sha256"
+    if folder.exists() and (not marker.is_file() or marker.read_text() != teacher_hash):
+        logger.info("token caches %s were made by another teacher: removed", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(marker, lambda handle: handle.write(teacher_hash.encode()))
+
 
 class Plan:
     """Paths and steps of one experiment (module docstring)."""
@@ -83,7 +104,7 @@ class Plan:
         return Step(
             "render",
             folder,
-            lambda: render_domains(r.domains, folder, r.seconds, r.seed),
+            lambda: render_domains(r, folder),
             [folder / f"{domain}.csv" for domain in r.domains],
             settings=asdict(r),
         )
@@ -149,7 +170,7 @@ class Plan:
         yield Step(
             "teacher",
             folder,
-            lambda: call_tool("extract_tokens", [*arguments, "--out", folder / "calibration"]),
+            lambda: call_tool("extract_tokens", arguments),
             [self.teacher_path],
             settings={"seed": t.seed},
             after=[f"data/{self.data[t.from_data_run]}"],
@@ -169,25 +190,29 @@ class Plan:
                 f"checkpoint.save_interval_updates={run.checkpoint_interval}",
                 "checkpoint.keep_interval_updates=-1",
             ]
+        data = (self.out / "data" / self.data[run.name]).resolve()
         env = {
             "INIT": str(start.resolve()),
             "NAME": run_folder(self.out, run.name).name,
-            "MANIFESTS": str((self.out / "data" / self.data[run.name]).resolve()),
-            "TOKENS": str((folder / "tokens").resolve()),
+            "MANIFESTS": str(data),
             "ENCODEC": str(self.teacher_path.resolve()),
             "CPT_OUT": str(folder.resolve()),
             "PRESET": e.preset or "",
             "ABLATION": run.ablation or "",
         }
+
+        def train() -> None:
+            share_tokens(data / "tokens", self.teacher_path)
+            command = ["bash", REPO / "scripts" / "run_cpt.sh", run.config, *overrides]
+            run_command(command, folder / "cpt.log", {**env, "TOKENS": str(data / "tokens")})
+
         checkpoint = run_folder(self.out, run.name) / "stage2" / "checkpoint_last.pt"
         teacher_inputs, teacher_after = self._teacher_link()
         self.models[run.name] = (checkpoint, f"cpt/{run.name}")
         return Step(
             f"cpt/{run.name}",
             folder,
-            lambda: run_command(
-                ["bash", REPO / "scripts" / "run_cpt.sh", run.config, *overrides], folder / "cpt.log", env
-            ),
+            train,
             [checkpoint, run_folder(self.out, run.name) / "hf" / "config.json"],
             settings={**asdict(run), "preset": e.preset},
             inputs=([start] if start_step is None else []) + teacher_inputs,

@@ -21,7 +21,9 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +51,26 @@ def call_tool(tool: str, arguments: Sequence[object]) -> None:
     logger.info("$ python scripts/%s.py %s", tool, " ".join(argv))
     status = run_cli(importlib.import_module(f"culturemert.cli.{tool}").main, tool, argv)
     if status != 0:
-        raise StepError(f"scripts/{tool}.py {' '.join(argv)} failed (exit {status}); see the message above")
+        raise StepError(f"scripts/{tool}.py {' '.join(argv)} failed (exit {status})")
+
+
+@contextmanager
+def output_to(log: Path) -> Iterator[None]:
+    """Send this process's output (print, logging, progress bars) to `log`, appended, while a
+    step runs; the console keeps the driver's one line per step."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle, redirect_stdout(handle), redirect_stderr(handle):
+        try:
+            yield
+        finally:
+            root.handlers, root.level = handlers, level
+
+
+def log_tail(log: Path) -> str:
+    """The last `LOG_TAIL` lines of `log`, indented, for an error message."""
+    return "\n  ".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL:])
 
 
 def run_command(command: Sequence[object], log: Path, env: dict[str, str] | None = None) -> None:
@@ -63,8 +84,7 @@ def run_command(command: Sequence[object], log: Path, env: dict[str, str] | None
             command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         ).returncode
     if status != 0:
-        tail = "\n  ".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL:])
-        raise StepError(f"{' '.join(command)} failed (exit {status}); the end of {log}:\n  {tail}")
+        raise StepError(f"{' '.join(command)} failed (exit {status}); the end of {log}:\n  {log_tail(log)}")
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -97,11 +117,16 @@ class Step:
 
 
 class Runner:
-    """Runs steps in order, skipping the done ones; remembers each step's fingerprint."""
+    """Runs steps in order, skipping the done ones; remembers each step's fingerprint. Prints one
+    line per step it runs: its number of `total` (the planned steps), the wall time since the
+    runner started and the step's log (``<folder>.log``, beside the step's folder), where the
+    step's tools write everything they print."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: int = 0) -> None:
         self.fingerprints: dict[str, str] = {}
         self.ran: list[str] = []
+        self.total = total
+        self.started = time.monotonic()
 
     def fingerprint(self, step: Step) -> str:
         missing = [name for name in step.after if name not in self.fingerprints]
@@ -126,17 +151,27 @@ class Runner:
         if same and record.get("status") == "done" and all(path.exists() for path in step.outputs):
             logger.debug("%s: done", step.name)
         else:
-            if same:
-                logger.info("%s: resuming", step.name)
-            elif step.folder.exists():
-                reason = "its inputs changed" if record else f"no {STEP_FILE} proves what made it"
-                logger.info("%s: removing %s (%s)", step.name, step.folder, reason)
+            state = "resuming" if same else "running"
+            if not same and step.folder.exists():
+                state = "its inputs changed" if record else f"no {STEP_FILE} proves what made it"
+                state = f"removed its folder: {state}"
                 shutil.rmtree(step.folder)
-            else:
-                logger.info("%s: running", step.name)
+            minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+            number = len(self.fingerprints) + 1
+            log = step.folder.with_name(step.folder.name + ".log")
+            print(
+                f"[{number:3d}/{max(self.total, number)} {minutes:3d}:{seconds:02d}] {step.name}"
+                + ("" if state == "running" else f" ({state})")
+                + f"  log: {log}",
+                flush=True,
+            )
             step.folder.mkdir(parents=True, exist_ok=True)
             write_json_atomically(record_path, {"status": "running", "fingerprint": fingerprint})
-            step.action()
+            try:
+                with output_to(log):
+                    step.action()
+            except StepError as error:
+                raise StepError(f"step {step.name}: {error}; the end of {log}:\n  {log_tail(log)}") from None
             absent = [str(path) for path in step.outputs if not path.exists()]
             if absent:
                 raise StepError(f"step {step.name} finished without writing {absent}")
