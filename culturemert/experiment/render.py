@@ -9,6 +9,7 @@ tags are the domain's chosen tags of each piece, such as its key, tuning or inst
 from __future__ import annotations
 
 import csv
+import os
 import random
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def render_domains(render: Render, folder: Path) -> None:
                 domain.instruments,
                 domain.tunings,
                 domain.transpose,
+                workers=os.cpu_count() or 1,  # the files do not depend on it
             )
         ]
         splits = split_of(len(pieces), name, render.seed, render.split)
