@@ -12,7 +12,7 @@ test:
 	echo "make test: the suite and the linter took $$(( $$(date +%s) - start )) s"
 
 demo:
-	@py=$$(bash scripts/ensure_env.sh) && export PATH="$$(dirname $$py):$$PATH" && python scripts/demo.py
+	@py=$$(bash scripts/ensure_env.sh) && export PATH="$$(dirname $$py):$$PATH" && python scripts/experiment.py configs/experiments/demo.yaml
 
 install:
 	@bash scripts/ensure_env.sh >/dev/null

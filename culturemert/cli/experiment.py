@@ -7,7 +7,8 @@ checkpoint, the teacher, the data, the CPT runs, the merges, the probing grid an
 token-similarity sets; ``key=value`` arguments override it (omegaconf dotlist, e.g.
 ``probing.seeds=2 out=runs/x``). A step whose outputs exist and whose inputs are unchanged is
 skipped; an interrupted experiment resumes when rerun; a changed input reruns what depends on it.
-The report (tables, figures, README.md) is written to ``<out>/report/``.
+The report (tables, figures, README.md) is written to ``<out>/report/``, and Table 4.1's ROC-AUC
+printed (`culturemert.experiment.summary`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from culturemert.cli import command
 from culturemert.experiment.config import load_experiment
 from culturemert.experiment.plan import Plan
 from culturemert.experiment.steps import Runner, Step
+from culturemert.experiment.summary import console_table
 
 logger = logging.getLogger("experiment")
 
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from culturemert.experiment.report import write_report  # matplotlib: after logging is configured
 
-    runner = Runner()
+    runner = Runner(total=len(list(Plan(experiment).steps())) + 1)  # and the report
     runner.run(plan.steps())
     folder = Path(experiment.out) / "report"
     report = Step(
@@ -54,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         after=list(runner.fingerprints),
     )
     runner.run_step(report)
-    logger.info("ran %d steps; report: %s", len(runner.ran), folder / "README.md")
-    print((folder / "README.md").read_text())
+    source = {name for name, task in experiment.tasks.items() if task.source}
+    if (folder / "table_4_1.csv").is_file():
+        print("\n" + console_table(folder / "table_4_1.csv", experiment.report.baseline, source))
+    print(f"\nran {len(runner.ran)} steps; the report, its tables and figures: {folder / 'README.md'}")
     return 0
 
 

@@ -62,6 +62,10 @@ def output_to(log: Path) -> Iterator[None]:
     handlers, level = root.handlers[:], root.level
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as handle, redirect_stdout(handle), redirect_stderr(handle):
+        to_log = logging.StreamHandler(handle)
+        if handlers:
+            to_log.setFormatter(handlers[0].formatter)
+        root.handlers = [to_log]
         try:
             yield
         finally:
