@@ -31,10 +31,12 @@ import torch
 from culturemert.cli import command
 from culturemert.data.splits import DEFAULT_SPLITS_ROOT
 from culturemert.errors import listing
+from culturemert.probing.bootstrap import RESAMPLES
 from culturemert.probing.chunking import WINDOW_SECONDS
 from culturemert.probing.features import BATCH_SIZE, PART_RECORDINGS, FeatureCache, extract_features
 from culturemert.probing.probe import ALL_LAYERS, ProbeConfig, ProbeError, fit_probe, write_run
 from culturemert.probing.report import write_report
+from culturemert.probing.runs import ReportError
 from culturemert.probing.tasks import find_audio, load_task, present_rows
 
 logger = logging.getLogger("probe")
@@ -114,7 +116,7 @@ def fit(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    written = write_report(args.runs, args.out, args.base)
+    written = write_report(args.runs, args.out, args.base, args.resamples)
     print(written["table"].read_text())
     print("wrote " + ", ".join(str(path) for path in written.values()))
 
@@ -189,7 +191,15 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("report", help="markdown tables and plots over probe runs")
     p.add_argument("runs", nargs="+", type=Path, help="run folders, or folders to search for runs")
     p.add_argument("--out", required=True, type=Path, help="folder for table.md and the PNGs")
-    p.add_argument("--base", help="base model of the transfer plot (default: the first run's model)")
+    p.add_argument(
+        "--base", help="baseline of the differences and the transfer plot (default: the first run's model)"
+    )
+    p.add_argument(
+        "--resamples",
+        type=int,
+        default=RESAMPLES,
+        help="bootstrap resamples of the test recordings, for runs that saved predictions",
+    )
     p.set_defaults(run=report)
     return parser
 
@@ -198,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "fit" and args.seeds < 1:
         raise ProbeError("--seeds must be at least 1")
+    if args.command == "report" and args.resamples < 1:
+        raise ReportError("--resamples must be at least 1")
     args.run(args)
     return 0
 
