@@ -9,9 +9,10 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from culturemert.probing.figures import panels, percent, save
+from culturemert.probing.figures import annotate, panels, percent, save
 from culturemert.probing.runs import lambda_of
 
 
@@ -19,6 +20,18 @@ def _read_matrix(path: Path) -> tuple[list[str], np.ndarray]:
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
     return rows[0][1:], np.array([[float(v) for v in row[1:]] for row in rows[1:]])
+
+
+def _square(
+    figure: Figure, axis: Axes, matrix: np.ndarray, names: list[str], digits: int, title: str, **imshow
+) -> None:
+    """A square matrix over `names` with its values written in and its colour bar."""
+    image = axis.imshow(matrix, **imshow)
+    annotate(axis, image, matrix, [[f"{value:.{digits}f}" for value in row] for row in matrix])
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axis.set_yticks(range(len(names)), names)
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, shrink=0.8)
 
 
 def token_similarity(folder: Path, path: Path) -> Path | None:
@@ -32,15 +45,7 @@ def token_similarity(folder: Path, path: Path) -> Path | None:
         figure.subplots(1, 2), files, ("Jensen-Shannon divergence", "cosine distance")
     ):
         names, matrix = _read_matrix(file)
-        image = axis.imshow(matrix, cmap="viridis")
-        for i in range(len(names)):
-            for j in range(len(names)):
-                color = "black" if matrix[i, j] > 0.5 * matrix.max() else "white"  # on viridis
-                axis.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=8, color=color)
-        axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        axis.set_yticks(range(len(names)), names)
-        axis.set_title(f"Acoustic-token {title}")
-        figure.colorbar(image, ax=axis, shrink=0.8)
+        _square(figure, axis, matrix, names, 3, f"Acoustic-token {title}", cmap="viridis")
     return save(figure, path)
 
 
@@ -64,15 +69,8 @@ def task_vector_cosine(csv_path: Path, labels: dict[str, str], path: Path) -> Pa
         j = names.index(labels.get(row["model_b"], Path(row["model_b"]).name))
         matrix[i, j] = matrix[j, i] = float(row["cosine"])
     figure = Figure(figsize=(2.5 + 0.9 * len(names), 1.8 + 0.7 * len(names)), layout="constrained")
-    axis = figure.subplots()
-    image = axis.imshow(matrix, cmap="coolwarm", vmin=-1, vmax=1)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            axis.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=9)
-    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axis.set_yticks(range(len(names)), names)
-    axis.set_title(f"Task-vector cosine similarity ({scope})")
-    figure.colorbar(image, ax=axis, shrink=0.8)
+    title = f"Task-vector cosine similarity ({scope})"
+    _square(figure, figure.subplots(), matrix, names, 2, title, cmap="coolwarm", vmin=-1, vmax=1)
     return save(figure, path)
 
 

@@ -8,17 +8,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
+from culturemert.files import write_atomically
 from culturemert.probing.runs import TASK_TITLES, lambda_of
 
 DPI = 120
 
 
 def save(figure: Figure, path: Path) -> Path:
-    """Write `figure` to `path` at the report's resolution; returns `path`."""
-    figure.savefig(path, dpi=DPI)
+    """Write `figure` to `path` as PNG at the report's resolution, atomically; returns `path`."""
+    write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=DPI))
     return path
+
+
+def annotate(axis: Axes, image: AxesImage, values: np.ndarray, texts: list[list[str]]) -> None:
+    """Write each cell's text (none where empty) on the matrix `image` drawn of `values`: dark on
+    light colours, light on dark ones."""
+    for (i, j), value in np.ndenumerate(values):
+        if texts[i][j]:
+            red, green, blue, _ = image.cmap(image.norm(value))
+            color = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+            axis.text(j, i, texts[i][j], ha="center", va="center", fontsize=8, color=color)
 
 
 def task_title(task: str) -> str:
@@ -71,6 +84,17 @@ def bars(cells: dict, models: list[str], tasks: list[str], path: Path) -> Path |
     return save(figure, path)
 
 
+def _difference_text(metric: dict) -> str:
+    """A transfer-matrix cell: the difference in points, with its paired interval if any."""
+    if "difference" not in metric:
+        return ""
+    text = f"{100 * metric['difference']:+.1f}"
+    if "difference_interval" in metric:
+        low, high = (100 * v for v in metric["difference_interval"])
+        text += f"{'*' if metric['significant'] else ''}\n[{low:+.1f}, {high:+.1f}]"
+    return text
+
+
 def transfer_matrix(
     cells: dict, baseline: str, models: list[str], tasks: list[str], path: Path
 ) -> Path | None:
@@ -81,21 +105,13 @@ def transfer_matrix(
         return None
     metrics = [[cells.get((m, t), {}).get("metrics", {}).get("roc_auc", {}) for t in tasks] for m in rows]
     values = np.array([[100 * m.get("difference", np.nan) for m in row] for row in metrics])
+    texts = [[_difference_text(m) for m in row] for row in metrics]
     paired = any("difference_interval" in m for row in metrics for m in row)
     figure = Figure(figsize=(2.5 + 1.7 * len(tasks), 1.2 + 0.7 * len(rows)), layout="constrained")
     axis = figure.subplots()
     limit = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
     image = axis.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-    for (i, j), value in np.ndenumerate(values):
-        metric = metrics[i][j]
-        if np.isnan(value):
-            continue
-        text = f"{value:+.1f}"
-        if "difference_interval" in metric:
-            low, high = (100 * v for v in metric["difference_interval"])
-            text += f"{'*' if metric['significant'] else ''}\n[{low:+.1f}, {high:+.1f}]"
-        color = "white" if abs(value) > 0.6 * limit else "black"
-        axis.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+    annotate(axis, image, values, texts)
     axis.set_xticks(range(len(tasks)), [task_title(t) for t in tasks])
     axis.set_yticks(range(len(rows)), rows)
     what = "* 95 % paired interval excludes 0" if paired else "no intervals: no saved predictions"
