@@ -14,6 +14,8 @@ CSV/TSV rows with tags separated by |), lyra, fma, magnatagatune (--metadata: th
 minzwon train.npy and binary.npy), on the published splits shipped with the package (or
 --splits-root), or a CSV task file of path,split,tags rows.
 Audio files are found under --audio-root by recording id.
+The report command writes Tables 4.1/4.2 (table.md) and Figures 4.2, 4.4 and 4.7 of the best layer
+per model and task, with 95 % bootstrap intervals over test tracks where the runs saved predictions.
 Extraction resumes where an interrupted run stopped; --skip-bad drops (and records) recordings
 whose audio is corrupt, truncated or shorter than the model's receptive field. Exits with status
 2 and a one-line message on bad inputs.

@@ -1,5 +1,5 @@
 """The report of ``probe.py report`` over probe runs (thesis Tables 4.1/4.2, Figures 4.2, 4.4
-and 4.7), drawn by the same cells, tables and figures as the experiment's report
+and 4.7), drawn with the same cells, tables and figures as the experiment's report
 (`culturemert.probing.runs`, `.tables`, `.figures`).
 
 Models are told apart by content (`runs.name_by_content`): runs of one checkpoint under
