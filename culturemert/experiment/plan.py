@@ -30,6 +30,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name)
 
 
+
 def run_folder(out: Path, name: str) -> Path:
     """The folder ``run_cpt.sh`` writes a CPT run into: inside the step's folder ``cpt/<name>/``
     (which holds the step's record, log and token caches), since a run folder holds its own
@@ -41,7 +42,6 @@ def merge_folder(out: Path, name: str) -> Path:
     """The folder ``merge.py`` writes a merge into, inside the step's folder ``merge/<name>/``
     (merge.py replaces its output folder whole and refuses files it did not write)."""
     return out / "merge" / name / "merged"
-
 
 class Plan:
     """Paths and steps of one experiment (module docstring)."""
