@@ -14,6 +14,8 @@ CSV/TSV rows with tags separated by |), lyra, fma, magnatagatune (--metadata: th
 minzwon train.npy and binary.npy), on the published splits shipped with the package (or
 --splits-root), or a CSV task file of path,split,tags rows.
 Audio files are found under --audio-root by recording id.
+The report command writes Tables 4.1/4.2 (table.md) and Figures 4.2, 4.4 and 4.7 of the best layer
+per model and task, with 95 % bootstrap intervals over test tracks where the runs saved predictions.
 Extraction resumes where an interrupted run stopped; --skip-bad drops (and records) recordings
 whose audio is corrupt, truncated or shorter than the model's receptive field. Exits with status
 2 and a one-line message on bad inputs.
@@ -31,10 +33,12 @@ import torch
 from culturemert.cli import command
 from culturemert.data.splits import DEFAULT_SPLITS_ROOT
 from culturemert.errors import listing
+from culturemert.probing.bootstrap import RESAMPLES
 from culturemert.probing.chunking import WINDOW_SECONDS
 from culturemert.probing.features import BATCH_SIZE, PART_RECORDINGS, FeatureCache, extract_features
 from culturemert.probing.probe import ALL_LAYERS, ProbeConfig, ProbeError, fit_probe, write_run
 from culturemert.probing.report import write_report
+from culturemert.probing.runs import ReportError
 from culturemert.probing.tasks import find_audio, load_task, present_rows
 
 logger = logging.getLogger("probe")
@@ -114,7 +118,7 @@ def fit(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    written = write_report(args.runs, args.out, args.base)
+    written = write_report(args.runs, args.out, args.base, args.resamples)
     print(written["table"].read_text())
     print("wrote " + ", ".join(str(path) for path in written.values()))
 
@@ -189,7 +193,15 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("report", help="markdown tables and plots over probe runs")
     p.add_argument("runs", nargs="+", type=Path, help="run folders, or folders to search for runs")
     p.add_argument("--out", required=True, type=Path, help="folder for table.md and the PNGs")
-    p.add_argument("--base", help="base model of the transfer plot (default: the first run's model)")
+    p.add_argument(
+        "--base", help="baseline of the differences and the transfer plot (default: the first run's model)"
+    )
+    p.add_argument(
+        "--resamples",
+        type=int,
+        default=RESAMPLES,
+        help="bootstrap resamples of the test recordings, for runs that saved predictions",
+    )
     p.set_defaults(run=report)
     return parser
 
@@ -198,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "fit" and args.seeds < 1:
         raise ProbeError("--seeds must be at least 1")
+    if args.command == "report" and args.resamples < 1:
+        raise ReportError("--resamples must be at least 1")
     args.run(args)
     return 0
 

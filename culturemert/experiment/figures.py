@@ -1,6 +1,7 @@
-"""The thesis's figures from an experiment's outputs (thesis 4.1-4.6). Each function writes one
-PNG and returns its path, or None when the experiment has nothing to plot for it. Error bars
-are 95 % bootstrap intervals over test tracks unless the axis label says otherwise."""
+"""The experiment's own figures (thesis 4.3-4.6, 4.8-4.11): token similarity, task vectors, the
+sweep against the multi-culture model, a probe across checkpoints, training curves; the probing
+figures are `culturemert.probing.figures`. Each function writes one PNG and returns its path, or
+None when the experiment has nothing to plot for it."""
 
 from __future__ import annotations
 
@@ -8,88 +9,29 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from culturemert.probing.report import TASK_TITLES, lambda_of, panels
-
-DPI = 120
-
-
-def _save(figure: Figure, path: Path) -> Path:
-    figure.savefig(path, dpi=DPI)
-    return path
-
-
-def _title(task: str) -> str:
-    return TASK_TITLES.get(task, task)
-
-
-def _percent(cell: dict, metric: str = "roc_auc") -> tuple[float, float, float]:
-    """Mean and interval of a table cell, in percent."""
-    m = cell["metrics"][metric]
-    return 100 * m["mean"], 100 * m["interval"][0], 100 * m["interval"][1]
-
-
-def bars(cells: dict, models: list[str], tasks: list[str], path: Path) -> Path | None:
-    """Fig 4.1: ROC-AUC per dataset, one bar per model, with 95 % intervals."""
-    if not cells:
-        return None
-    figure = Figure(figsize=(4.0 + 0.35 * len(tasks) * len(models), 4.2), layout="constrained")
-    axis = figure.subplots()
-    width = 0.8 / len(models)
-    for index, model in enumerate(models):
-        points = [_percent(cells[(model, t)]) if (model, t) in cells else (np.nan,) * 3 for t in tasks]
-        means = np.array([p[0] for p in points])
-        errors = np.array([[p[0] - p[1], p[2] - p[0]] for p in points]).T
-        positions = np.arange(len(tasks)) - 0.4 + width * (index + 0.5)
-        axis.bar(positions, means, width, yerr=errors, capsize=2, label=model, color=f"C{index}")
-    axis.set_xticks(np.arange(len(tasks)), [_title(t) for t in tasks])
-    axis.set_ylabel("test ROC-AUC (%)")
-    low = min(_percent(c)[1] for c in cells.values())
-    axis.set_ylim(max(0, low - 5), 100)
-    axis.set_title("Probing ROC-AUC per dataset (best layer; 95 % bootstrap intervals)")
-    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(figure, path)
-
-
-def transfer_matrix(
-    cells: dict, baseline: str, models: list[str], tasks: list[str], path: Path
-) -> Path | None:
-    """Fig 4.2: ROC-AUC of each model minus the baseline's (points), with the paired interval;
-    ``*`` where it excludes 0."""
-    rows = [m for m in models if m != baseline and any((m, t) in cells for t in tasks)]
-    if not rows:
-        return None
-    values = np.full((len(rows), len(tasks)), np.nan)
-    figure = Figure(figsize=(2.5 + 1.7 * len(tasks), 1.2 + 0.7 * len(rows)), layout="constrained")
-    axis = figure.subplots()
-    for i, model in enumerate(rows):
-        for j, task in enumerate(tasks):
-            metric = cells.get((model, task), {}).get("metrics", {}).get("roc_auc", {})
-            if "difference" in metric:
-                values[i, j] = 100 * metric["difference"]
-    limit = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
-    image = axis.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-    for i, model in enumerate(rows):
-        for j, task in enumerate(tasks):
-            metric = cells.get((model, task), {}).get("metrics", {}).get("roc_auc", {})
-            if "difference" in metric:
-                low, high = (100 * v for v in metric["difference_interval"])
-                mark = "*" if metric["significant"] else ""
-                text = f"{values[i, j]:+.1f}{mark}\n[{low:+.1f}, {high:+.1f}]"
-                color = "white" if abs(values[i, j]) > 0.6 * limit else "black"
-                axis.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-    axis.set_xticks(range(len(tasks)), [_title(t) for t in tasks])
-    axis.set_yticks(range(len(rows)), rows)
-    axis.set_title(f"ROC-AUC relative to {baseline} (points; * 95 % paired interval excludes 0)")
-    figure.colorbar(image, ax=axis, label="Δ ROC-AUC (points)")
-    return _save(figure, path)
+from culturemert.probing.figures import annotate, panels, percent, save
+from culturemert.probing.runs import lambda_of
 
 
 def _read_matrix(path: Path) -> tuple[list[str], np.ndarray]:
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
     return rows[0][1:], np.array([[float(v) for v in row[1:]] for row in rows[1:]])
+
+
+def _square(
+    figure: Figure, axis: Axes, matrix: np.ndarray, names: list[str], digits: int, title: str, **imshow
+) -> None:
+    """A square matrix over `names` with its values written in and its colour bar."""
+    image = axis.imshow(matrix, **imshow)
+    annotate(axis, image, matrix, [[f"{value:.{digits}f}" for value in row] for row in matrix])
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axis.set_yticks(range(len(names)), names)
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, shrink=0.8)
 
 
 def token_similarity(folder: Path, path: Path) -> Path | None:
@@ -103,16 +45,8 @@ def token_similarity(folder: Path, path: Path) -> Path | None:
         figure.subplots(1, 2), files, ("Jensen-Shannon divergence", "cosine distance")
     ):
         names, matrix = _read_matrix(file)
-        image = axis.imshow(matrix, cmap="viridis")
-        for i in range(len(names)):
-            for j in range(len(names)):
-                color = "black" if matrix[i, j] > 0.5 * matrix.max() else "white"  # on viridis
-                axis.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=8, color=color)
-        axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        axis.set_yticks(range(len(names)), names)
-        axis.set_title(f"Acoustic-token {title}")
-        figure.colorbar(image, ax=axis, shrink=0.8)
-    return _save(figure, path)
+        _square(figure, axis, matrix, names, 3, f"Acoustic-token {title}", cmap="viridis")
+    return save(figure, path)
 
 
 def task_vector_cosine(csv_path: Path, labels: dict[str, str], path: Path) -> Path | None:
@@ -135,38 +69,9 @@ def task_vector_cosine(csv_path: Path, labels: dict[str, str], path: Path) -> Pa
         j = names.index(labels.get(row["model_b"], Path(row["model_b"]).name))
         matrix[i, j] = matrix[j, i] = float(row["cosine"])
     figure = Figure(figsize=(2.5 + 0.9 * len(names), 1.8 + 0.7 * len(names)), layout="constrained")
-    axis = figure.subplots()
-    image = axis.imshow(matrix, cmap="coolwarm", vmin=-1, vmax=1)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            axis.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=9)
-    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axis.set_yticks(range(len(names)), names)
-    axis.set_title(f"Task-vector cosine similarity ({scope})")
-    figure.colorbar(image, ax=axis, shrink=0.8)
-    return _save(figure, path)
-
-
-def lambda_sweep(cells: dict, sweep: list[str], baseline: str, tasks: list[str], path: Path) -> Path | None:
-    """Fig 4.4: ROC-AUC against lambda per dataset, intervals shaded, the baseline dotted."""
-    points = sorted((lambda_of(model), model) for model in sweep if lambda_of(model) is not None)
-    if len(points) < 2:
-        return None
-    figure, axes, _ = panels(len(tasks), (4.2, 3.3))
-    for axis, task in zip(axes, tasks):
-        present = [(value, _percent(cells[(m, task)])) for value, m in points if (m, task) in cells]
-        if present:
-            xs = [value for value, _ in present]
-            axis.plot(xs, [p[0] for _, p in present], marker="o", label="merged")
-            axis.fill_between(xs, [p[1] for _, p in present], [p[2] for _, p in present], alpha=0.25)
-        if (baseline, task) in cells:
-            axis.axhline(_percent(cells[(baseline, task)])[0], color="black", linestyle=":", label=baseline)
-        axis.set_title(_title(task))
-        axis.set_xlabel("λ")
-        axis.set_ylabel("test ROC-AUC (%)")
-        axis.legend(fontsize="small")
-    figure.suptitle("Task-arithmetic λ sweep (shaded: 95 % bootstrap interval)")
-    return _save(figure, path)
+    title = f"Task-vector cosine similarity ({scope})"
+    _square(figure, figure.subplots(), matrix, names, 2, title, cmap="coolwarm", vmin=-1, vmax=1)
+    return save(figure, path)
 
 
 def sweep_average(
@@ -179,7 +84,7 @@ def sweep_average(
         return None
 
     def average(model: str) -> float:
-        values = [_percent(cells[(model, t)])[0] for t in tasks if (model, t) in cells]
+        values = [percent(cells[(model, t)])[0] for t in tasks if (model, t) in cells]
         return float(np.mean(values)) if len(values) == len(tasks) else np.nan
 
     figure = Figure(figsize=(6, 4), layout="constrained")
@@ -191,7 +96,7 @@ def sweep_average(
     axis.set_ylabel("mean test ROC-AUC over target tasks (%)")
     axis.set_title("Merged models against the multi-culture model")
     axis.legend(fontsize="small")
-    return _save(figure, path)
+    return save(figure, path)
 
 
 def checkpoint_curve(
@@ -214,7 +119,7 @@ def checkpoint_curve(
     axis.set_xlabel("updates (all stages)")
     axis.set_ylabel("test ROC-AUC (%, ± std over seeds)")
     axis.set_title(title)
-    return _save(figure, path)
+    return save(figure, path)
 
 
 def training_curves(
@@ -245,38 +150,4 @@ def training_curves(
         if len(keys) > 1:
             axis.legend(fontsize="x-small", ncols=2)
     figure.suptitle(title)
-    return _save(figure, path)
-
-
-def layerwise(runs: list[dict], models: list[str], tasks: list[str], path: Path) -> Path | None:
-    """Fig 4.7: test ROC-AUC (mean ± std over seeds) per layer, a panel per task, a line per model;
-    the weighted sum of all layers as a dashed level."""
-    by_key = {(r["model"], r["task"], str(r["layer"])): r for r in runs}
-    layers = sorted({int(r["layer"]) for r in runs if str(r["layer"]).isdigit()})
-    if len(layers) < 2 or not tasks:
-        return None
-    figure, axes, columns = panels(len(tasks), (3.6, 3.4), (2.5, 0.4), sharey=True)
-    for axis, task in zip(axes, tasks):
-        for index, model in enumerate(models):
-            points = [(layer, by_key.get((model, task, str(layer)))) for layer in layers]
-            points = [(layer, run) for layer, run in points if run is not None]
-            if points:
-                means = [100 * run["mean"]["roc_auc"] for _, run in points]
-                stds = [100 * run["std"]["roc_auc"] for _, run in points]
-                xs = [layer for layer, _ in points]
-                axis.errorbar(xs, means, yerr=stds, marker="o", capsize=2, color=f"C{index}", label=model)
-            weighted = by_key.get((model, task, "all"))
-            if weighted is not None:
-                axis.axhline(
-                    100 * weighted["mean"]["roc_auc"], color=f"C{index}", linestyle="--", linewidth=1
-                )
-        axis.set_title(_title(task))
-        axis.set_xticks(layers)
-        axis.set_xlabel("layer (dashed: weighted sum of all)")
-    low, high = axes[0].get_ylim()
-    axes[0].set_ylim(max(low, 0.0), min(high, 100.0))  # shared: a score is a percentage
-    for axis in axes[::columns]:
-        axis.set_ylabel("test ROC-AUC (%, ± std over seeds)")
-    axes[columns - 1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    figure.suptitle("Layer-wise probing ROC-AUC")
-    return _save(figure, path)
+    return save(figure, path)

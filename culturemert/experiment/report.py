@@ -9,14 +9,11 @@ from culturemert.experiment import figures
 from culturemert.experiment.config import Experiment, model_names
 from culturemert.experiment.logs import run_curves
 from culturemert.experiment.plan import Plan, merge_folder, run_folder
-from culturemert.experiment.tables import (
-    load_probe_runs,
-    ordered_models,
-    ordered_tasks,
-    uncertainty,
-    write_tables,
-)
+from culturemert.experiment.tables import write_tables
 from culturemert.files import write_atomically
+from culturemert.probing.figures import bars, lambda_sweep, layerwise, transfer_matrix
+from culturemert.probing.runs import load_runs, table_cells
+from culturemert.probing.tables import ordered_models, ordered_tasks
 
 DESCRIPTIONS = {
     "table_4_1.md": "Table 4.1: ROC-AUC and AP per model and dataset (also .csv, in fractions)",
@@ -44,12 +41,12 @@ def write_report(experiment: Experiment, plan: Plan, folder: Path) -> list[Path]
     layers = {str(layer) for layer in experiment.probing.layers}
     runs = [  # only this experiment's grid: a folder left by an earlier version of the file is not reported
         run
-        for run in load_probe_runs(out / "probes")
+        for run in _load_runs(out / "probes")
         if run["model"] in model_names(experiment)
         and run["task"] in experiment.tasks
         and str(run["layer"]) in layers
     ]
-    cells = uncertainty(runs, baseline, experiment.report.resamples, experiment.seed) if runs else {}
+    cells = table_cells(runs, baseline, experiment.report.resamples, experiment.seed) if runs else {}
     models = ordered_models(cells, baseline, model_names(experiment))
     tasks = ordered_tasks(cells, list(experiment.tasks))
     source = {name for name, task in experiment.tasks.items() if task.source}
@@ -62,17 +59,17 @@ def write_report(experiment: Experiment, plan: Plan, folder: Path) -> list[Path]
     labels = {str(plan.models[run][0]): run for run in plan.models}
     similarity_tables = [merge_folder(out, m.name) / "task_vector_similarity.csv" for m in experiment.merges]
     plots = {
-        "fig_4_1_roc_auc.png": lambda p: figures.bars(cells, models, tasks, p),
-        "fig_4_2_transfer.png": lambda p: figures.transfer_matrix(cells, baseline, models, tasks, p),
+        "fig_4_1_roc_auc.png": lambda p: bars(cells, models, tasks, p),
+        "fig_4_2_transfer.png": lambda p: transfer_matrix(cells, baseline, models, tasks, p),
         "fig_4_3_token_similarity.png": lambda p: figures.token_similarity(out / "similarity" / "tables", p),
-        "fig_4_4_lambda_sweep.png": lambda p: figures.lambda_sweep(cells, sweep_models, baseline, tasks, p),
+        "fig_4_4_lambda_sweep.png": lambda p: lambda_sweep(cells, sweep_models, baseline, tasks, p),
         "fig_4_5_task_vectors.png": lambda p: next(
             (figures.task_vector_cosine(csv, labels, p) for csv in similarity_tables if csv.is_file()), None
         ),
         "fig_4_6_sweep_vs_multi.png": lambda p: figures.sweep_average(
             cells, sweep_models, experiment.report.multi, targets, p
         ),
-        "fig_4_7_layerwise.png": lambda p: figures.layerwise(runs, models, tasks, p),
+        "fig_4_7_layerwise.png": lambda p: layerwise(runs, models, tasks, p),
         "fig_4_8_checkpoints.png": lambda p: _checkpoint_figure(experiment, runs, p),
     }
     curves = {run.name: run_curves(run_folder(out, run.name)) for run in experiment.runs}
@@ -105,12 +102,17 @@ def write_report(experiment: Experiment, plan: Plan, folder: Path) -> list[Path]
     return [*written, readme]
 
 
+def _load_runs(folder: Path) -> list[dict]:
+    """The probe runs under `folder`, none where it does not exist (yet)."""
+    return load_runs([folder]) if folder.is_dir() else []
+
+
 def _checkpoint_figure(experiment: Experiment, runs: list[dict], path: Path) -> Path | None:
     probe = experiment.report.checkpoints
     if probe.run is None:
         return None
     out = Path(experiment.out)
-    checkpoint_runs = load_probe_runs(out / "checkpoints" / probe.run / "probes")
+    checkpoint_runs = _load_runs(out / "checkpoints" / probe.run / "probes")
     start = next(
         (
             (100 * r["mean"]["roc_auc"], 100 * r["std"]["roc_auc"])

@@ -6,7 +6,9 @@ culture similarity (thesis 4.3).
 - `features`: frozen-model extraction of every layer's mean-pooled chunk features into a cache;
 - `metrics`: per-track aggregation and the scikit-learn tagging metrics;
 - `probe`: the MLP probe, its learning-rate selection on validation and its seeds;
-- `report`: tables and plots over probe runs;
+- `runs`: probe runs for reports: loading, naming by content, the best layer per cell, its uncertainty;
+- `tables`, `figures`: Tables 4.1/4.2 and the probing figures, for ``probe.py report`` and the experiment;
+- `report`: the report of ``probe.py report``;
 - `token_similarity`: code histograms, Jensen-Shannon divergence and cosine distance;
 - `semantic_tokens`: k-means "semantic tokens" of one layer's frame features.
 """
