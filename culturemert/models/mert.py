@@ -8,7 +8,6 @@ score the 8 EnCodec codebooks by cosine similarity; ``encoder_cqt_model.fc`` reg
 frame. Parameter names equal those of the released fairseq checkpoint, so it loads as is.
 """
 
-
 import torch
 import torch.nn.functional as F
 from fairseq.models import BaseFairseqModel, register_model
