@@ -34,11 +34,14 @@ def hubert_pair(cfg: MertConfig, folder: Path, seed: int = 0) -> tuple[MertModel
     return load_model(folder / "model.pt"), HubertModel.from_pretrained(folder / "hf").eval()
 
 
+@pytest.mark.parametrize("threads", [1, 2], ids=["tiles", "whole-clip"])
 @pytest.mark.parametrize("conv_bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("samples", [401, 3 * SAMPLE_RATE + 137], ids=["one-frame", "several-tiles"])
-def test_tiled_extractor_equals_fairseqs_convolutions(conv_bias, samples, seeded):
+def test_tiled_extractor_equals_fairseqs_convolutions(threads, conv_bias, samples, seeded):
+    """On one thread in tiles of `TILE_FRAMES`, on several as one tile."""
     model = MertModel(tiny_config(conv_bias=conv_bias)).eval()
     wav = torch.randn(2, samples) * torch.tensor([[0.1], [2.0]])
+    torch.set_num_threads(threads)  # the one_thread fixture restores the count
     with torch.inference_mode():
         fast = extractor_features(model.feature_extractor, wav)
         reference = model.feature_extractor(wav).transpose(1, 2)

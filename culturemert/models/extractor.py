@@ -2,15 +2,15 @@
 ``ConvFeatureExtractionModel`` in "default" mode (a conv with a per-channel GroupNorm and GELU,
 then conv and GELU blocks), computed channels last, in tiles of output frames, with matrix
 products in place of convolutions. Equal to the extractor within float32 rounding and faster on
-the CPU: the 30 s windows of probing make tensors of hundreds of MB per layer, which the tiles
-never allocate (fresh large allocations are page-faulted in on every call) and which a tile keeps
-in the cache from one layer to the next.
+the CPU: the 30 s windows of probing make tensors of hundreds of MB per layer, which tiles (on
+one thread) never allocate (fresh large allocations are page-faulted in on every call) and which
+a tile keeps in the cache from one layer to the next.
 """
 
 import torch
 from torch import nn
 
-TILE_FRAMES = 64  # output frames per tile: 64 x 64 + 78 first-layer frames, 8.5 MB at 512 channels
+TILE_FRAMES = 64  # output frames per tile on one thread: 64 x 64 + 78 first-layer frames, 8.5 MB
 
 
 def fold_group_norm(
@@ -75,9 +75,14 @@ def input_span(start: int, stop: int, convs: list[nn.Conv1d]) -> tuple[int, int]
 
 def extractor_features(extractor: nn.Module, wav: torch.Tensor) -> torch.Tensor:
     """``extractor(wav).transpose(1, 2)`` [B, frames, C] for ``wav`` [B, samples] and a
-    default-mode extractor (`is_default_mode`), in eval mode: per clip and per tile of
-    `TILE_FRAMES` output frames, the first block from the folded GroupNorm (`fold_group_norm`),
-    the others by `strided_conv`. A tile recomputes the few frames it shares with its neighbours."""
+    default-mode extractor (`is_default_mode`), in eval mode: per clip and per tile of output
+    frames, the first block from the folded GroupNorm (`fold_group_norm`), the others by
+    `strided_conv`. A tile recomputes the few frames it shares with its neighbours.
+
+    Tiles of `TILE_FRAMES` on one thread; on several, the whole clip is one tile: each matrix
+    product is a synchronisation point of the threads, and on a busy 2-core machine the ~1000
+    small products of 64-frame tiles cost more than the memory they save (benchmarks/
+    extract_features.py: 0.68x transformers' clips/s with 64-frame tiles, 1.06x with none)."""
     first, *rest = extractor.conv_layers
     convs = [first[0]] + [block[0] for block in rest]
     activations = [first[3]] + [block[2] for block in rest]
@@ -88,8 +93,9 @@ def extractor_features(extractor: nn.Module, wav: torch.Tensor) -> torch.Tensor:
     for conv in convs[1:]:
         frames = (frames - conv.kernel_size[0]) // conv.stride[0] + 1
     out = wav.new_empty(wav.shape[0], frames, convs[-1].out_channels)
-    for start in range(0, frames, TILE_FRAMES):
-        stop = min(start + TILE_FRAMES, frames)
+    tile = TILE_FRAMES if torch.get_num_threads() == 1 else frames
+    for start in range(0, frames, tile):
+        stop = min(start + tile, frames)
         first_frame, last_frame = input_span(start, stop, convs[1:])
         samples = wav[:, first_frame * stride : (last_frame - 1) * stride + kernel]
         for item in range(wav.shape[0]):
