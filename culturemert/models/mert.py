@@ -8,7 +8,6 @@ score the 8 EnCodec codebooks by cosine similarity; ``encoder_cqt_model.fc`` reg
 frame. Parameter names equal those of the released fairseq checkpoint, so it loads as is.
 """
 
-
 import torch
 import torch.nn.functional as F
 from fairseq.models import BaseFairseqModel, register_model
@@ -20,30 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from culturemert.masking import span_mask
 from culturemert.models.config import MertConfig, conv_output_lengths
-
-
-def conv_group_norm(wav: torch.Tensor, conv: nn.Conv1d, norm: nn.GroupNorm) -> torch.Tensor:
-    """``norm(conv(wav[:, None]))`` [B, C, T] for a single-input-channel ``conv`` (no padding)
-    and a per-channel GroupNorm, as one matrix product over the unfolded windows of ``wav``.
-
-    The conv output of channel c is w_c . u_t for window u_t, so its mean over time is w_c . mean(u)
-    and its variance w_c' Cov(u) w_c: the norm's statistics come from the K x K window covariance
-    (in float64), and its scale and shift fold into the conv weights. The conv bias cancels in
-    the norm. This skips writing and re-reading the largest tensor of the model (C x T for
-    T = samples / stride) and equals the two modules within float32 rounding."""
-    (kernel,), (stride,) = conv.kernel_size, conv.stride
-    batch, samples = wav.shape
-    frames = (samples - kernel) // stride + 1
-    windows = wav.contiguous().as_strided((batch, kernel, frames), (samples, 1, stride))
-    weight = conv.weight[:, 0, :].double()
-    mean_window = windows.double().mean(dim=2)
-    centered = windows.double() - mean_window[:, :, None]
-    covariance = centered @ centered.transpose(1, 2) / frames
-    variance = torch.einsum("ck,bkl,cl->bc", weight, covariance, weight)
-    scale = norm.weight.double() / torch.sqrt(variance + norm.eps)
-    shift = norm.bias.double() - (mean_window @ weight.T) * scale
-    folded = (weight[None] * scale[:, :, None]).to(wav.dtype)
-    return torch.baddbmm(shift.to(wav.dtype)[:, :, None], folded, windows)
+from culturemert.models.extractor import extractor_features, is_default_mode
 
 
 class WeightNormConv1d(nn.Module):
@@ -67,7 +43,9 @@ class WeightNormConv1d(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through PyTorch's fused scaled-dot-product kernel."""
+    """Multi-head self-attention through PyTorch's fused scaled-dot-product kernel; the query, key
+    and value projections run as one matrix product, and the heads are laid out contiguously
+    for the kernel (faster on the CPU than strided views; equal within float32 rounding)."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -80,11 +58,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
         batch, frames, dim = x.shape
-
-        def split_heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, frames, self.heads, dim // self.heads).transpose(1, 2)
-
-        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = F.linear(
+            x, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections])
+        )
+        heads = qkv.view(batch, frames, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = heads.contiguous()
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0
         )
@@ -288,19 +267,11 @@ class MertModel(BaseFairseqModel):
         return tuple(states if layers is None else states[: layers + 1])
 
     def inference_conv_features(self, wav: torch.Tensor) -> torch.Tensor:
-        """``feature_extractor(wav)`` [B, C, frames] for inference: the first block's conv and
-        GroupNorm (fairseq's "default" mode: conv, dropout, per-channel norm, GELU) computed by
-        `conv_group_norm`, the other blocks as they are."""
-        first, *rest = self.feature_extractor.conv_layers
-        conv, norm = first[0], first[2] if len(first) == 4 else None
-        if not (
-            isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels and conv.in_channels == 1
-        ):
-            return self.feature_extractor(wav)
-        x = first[3](conv_group_norm(wav, conv, norm))
-        for block in rest:
-            x = block(x)
-        return x
+        """``feature_extractor(wav).transpose(1, 2)`` [B, frames, C] (channels last) in eval mode:
+        by `extractor_features` in fairseq's "default" mode, by the extractor itself otherwise."""
+        if is_default_mode(self.feature_extractor):
+            return extractor_features(self.feature_extractor, wav)
+        return self.feature_extractor(wav).transpose(1, 2)
 
     def inference_states(self, wav: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, ...]:
         """Hidden states 0..``layers`` of ``wav`` [B, samples] (all by default) in eval mode: the
@@ -312,7 +283,7 @@ class MertModel(BaseFairseqModel):
         if not 0 <= layers <= self.cfg.encoder_layers:
             raise ValueError(f"layers={layers}: choose 0..{self.cfg.encoder_layers}")
         encoder = self.encoder
-        x = self.post_extract_proj(self.layer_norm(self.inference_conv_features(wav).transpose(1, 2)))
+        x = self.post_extract_proj(self.layer_norm(self.inference_conv_features(wav)))
         x = x + encoder.pos_conv(x.transpose(1, 2)).transpose(1, 2)
         if not encoder.layer_norm_first:
             x = encoder.layer_norm(x)
