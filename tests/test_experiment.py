@@ -49,12 +49,12 @@ def small_experiment(folder: Path) -> Path:
     config.out = str(folder / "out")
     config.preset = "tiny"
     for domain, collections in {
-        "western": {"bach": 5, "palestrina": 5},
-        "essen": {"essen": 10},
-        "fiddle": {"fiddle": 10},
+        "western": {"bach": 8, "palestrina": 4},
+        "essen": {"essen": 12},
+        "fiddle": {"fiddle": 12},
     }.items():
         config.render.domains[domain].collections = collections
-    config.render.split = {"train": 0.6, "valid": 0.2, "test": 0.2}
+    config.render.split = {"train": 0.5, "valid": 0.25, "test": 0.25}
     config.teacher.from_data_run = "fiddle"
     config.runs = [run for run in config.runs if run.name in ("fiddle", "essen")]
     for run in config.runs:
