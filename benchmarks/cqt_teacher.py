@@ -1,7 +1,8 @@
 """The musical teacher's speed: ``CQTTeacher`` (grouped kernels) against nnAudio's CQT forward.
 
 Both compute the CQT magnitudes of the thesis (eq. 3.3) for a training batch of white noise, on
-the CPU and on CUDA when present. Prints, per crop length, the median seconds per batch of each,
+the CPU and on CUDA when present, timed alternately (`extract_features.clips_per_second`).
+Prints, per crop length, the median seconds per batch of each,
 their ratio and the largest difference relative to the largest magnitude, with the load average.
 
     python benchmarks/cqt_teacher.py [--batch 4] [--seconds 1,5] [--repeats 3]
@@ -11,28 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
+from extract_features import clips_per_second
 
 from culturemert.audio import SAMPLE_RATE
 from culturemert.targets.cqt import CQTSettings, CQTTeacher, nnaudio_cqt
-
-
-def seconds_per_batch(transform: torch.nn.Module, wav: torch.Tensor, repeats: int) -> float:
-    """Median wall seconds of `transform(wav)` over `repeats` calls after one warm-up."""
-    times = []
-    for index in range(repeats + 1):
-        if wav.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        transform(wav)
-        if wav.is_cuda:
-            torch.cuda.synchronize()
-        if index:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -42,8 +27,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"batch {args.batch}, torch threads {torch.get_num_threads()}, load average "
-          f"{' '.join(f'{load:.1f}' for load in os.getloadavg())}")
+    print(
+        f"batch {args.batch}, torch threads {torch.get_num_threads()}, load average "
+        f"{' '.join(f'{load:.1f}' for load in os.getloadavg())}"
+    )
     print("device crop-s culturemert-s nnAudio-s ratio max-relative-difference")
     for device in devices:
         ours, reference = CQTTeacher().to(device), nnaudio_cqt(CQTSettings()).to(device)
@@ -52,8 +39,8 @@ def main() -> None:
             with torch.no_grad():
                 difference = (ours(wav) - reference(wav).transpose(1, 2)).abs().max()
                 relative = (difference / reference(wav).abs().max()).item()
-                fast = seconds_per_batch(ours, wav, args.repeats)
-                slow = seconds_per_batch(reference, wav, args.repeats)
+            speed = clips_per_second({"ours": ours, "nnAudio": reference}, wav, args.repeats)
+            fast, slow = args.batch / speed["ours"], args.batch / speed["nnAudio"]
             print(f"{device} {crop:g} {fast:.3f} {slow:.3f} {slow / fast:.2f} {relative:.1e}")
 
 
