@@ -1,6 +1,6 @@
 """Run an experiment file: every step that is missing, then the report (thesis chapter 4).
 
-    python scripts/experiment.py configs/experiments/tiny.yaml [key=value ...]
+    python scripts/experiment.py configs/experiments/demo.yaml [key=value ...]
 
 The YAML (configs/experiments/*.yaml; schema: culturemert/experiment/config.py) names the start
 checkpoint, the teacher, the data, the CPT runs, the merges, the probing grid and the
