@@ -221,3 +221,23 @@ def test_steps_run_only_what_is_missing_and_never_reuse_unproven_state(tmp_path)
     source.unlink()
     with pytest.raises(StepError, match="input.txt: input not found"):
         Runner().run([make("first")])
+
+
+def test_runs_share_token_caches_only_with_their_teacher(tmp_path):
+    """Token caches under <data>/tokens are kept for the teacher that made them and removed when
+    the teacher file changes (they would be refused, and cannot be proved to fit)."""
+    from culturemert.experiment.plan import share_tokens
+
+    teacher, tokens = tmp_path / "teacher.th", tmp_path / "tokens"
+    teacher.write_bytes(b"first teacher")
+    share_tokens(tokens, teacher)
+    (tokens / "stage2").mkdir()
+    share_tokens(tokens, teacher)
+    assert (tokens / "stage2").is_dir()  # same teacher: the caches are shared
+    teacher.write_bytes(b"another teacher")
+    share_tokens(tokens, teacher)
+    assert not (tokens / "stage2").exists() and (tokens / "teacher.sha256").is_file()
+    (tokens / "teacher.sha256").unlink()
+    (tokens / "stage1").mkdir()
+    share_tokens(tokens, teacher)  # caches that no marker ties to a teacher are removed too
+    assert not (tokens / "stage1").exists()
