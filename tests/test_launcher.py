@@ -87,7 +87,7 @@ def test_hub_folder_holds_the_backbone_under_hub_names(tmp_path, weights, legacy
 
 @pytest.fixture(scope="module")
 def hf_run(corpus, tmp_path_factory) -> tuple[Path, dict, str]:  # noqa: F811
-    """The demo run (30 + 40 updates) from an HF folder as on the Hub, PRESET=tiny."""
+    """The demo run (100 + 150 updates) from an HF folder as on the Hub, PRESET=tiny."""
     root = tmp_path_factory.mktemp("hf_run")
     write_hub_folder(root / "MERT-v1-95M", TINY, weights="bin", legacy_weight_norm=True)
     env = {"INIT": root / "MERT-v1-95M", "MANIFESTS": corpus / "manifests", "CPT_OUT": root / "runs"}
@@ -98,15 +98,15 @@ def hf_run(corpus, tmp_path_factory) -> tuple[Path, dict, str]:  # noqa: F811
 
 def test_hf_start_trains_the_fresh_heads_in_stage1_and_the_run_keeps_its_own_update_counts(hf_run):
     run, _, log = hf_run
-    assert "stage 1 trains them" in log and "optimization.max_update=30" in log
+    assert "stage 1 trains them" in log and "optimization.max_update=100" in log
     start = read_checkpoint(run / "init.pt")["model"]
     stage1 = read_checkpoint(run / "stage1" / "checkpoint_last.pt")["model"]
     for name in start:
         trains = name.startswith(("feature_extractor.", *HEAD_PREFIXES))
         assert torch.equal(stage1[name], start[name]) != trains, name
-    # configs/cpt/demo_stage*.yaml ask for 30 and 40 updates; the tiny preset does not cut them.
-    assert updates(run / "stage1" / "checkpoint_last.pt") == 30
-    assert updates(run / "stage2" / "checkpoint_last.pt") == 40
+    # configs/cpt/demo_stage*.yaml ask for 100 and 150 updates; the tiny preset does not cut them.
+    assert updates(run / "stage1" / "checkpoint_last.pt") == 100
+    assert updates(run / "stage2" / "checkpoint_last.pt") == 150
     from transformers import HubertModel
 
     HubertModel.from_pretrained(run / "hf")
@@ -136,7 +136,7 @@ def changed_manifest(corpus: Path, tmp_path: Path) -> Path:  # noqa: F811
     "change, named",
     [
         ("init", "init.sha256"),
-        ("override", "stage1.config.optimization.max_update: 30 -> 31"),
+        ("override", "stage1.config.optimization.max_update: 100 -> 31"),
         ("manifest", "stage1.data.valid.tsv"),
         ("ablation", "stage1.config.task.mixup_prob: 0.5 -> 0.0"),
     ],
