@@ -327,7 +327,7 @@ def render_collection(
 
     Each piece's instrument (from `instruments`), tuning (from `tunings`), tempo and, with
     `transpose`, transposition (`TRANSPOSITIONS`) are drawn from `seed`, so the same arguments
-    give bit-identical files.
+    give bit-identical files (and the defaults the files of the Western-only renderer before).
     """
     pieces = list_collection(name)
     if not 0 < n <= len(pieces):
@@ -344,7 +344,7 @@ def render_collection(
             piece,
             rng.choice(list(instruments)),
             rng.randint(*BPM_RANGE),
-            rng.choice(list(tunings)),
+            rng.choice(list(tunings)) if len(tunings) > 1 else tunings[0],  # one: no draw
             rng.choice(TRANSPOSITIONS) if transpose else 0,
         )
         for piece in rng.sample(pieces, n)
