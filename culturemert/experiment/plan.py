@@ -28,6 +28,7 @@ from culturemert.files import write_atomically
 from culturemert.fingerprint import file_sha256
 
 CHECKPOINT = re.compile(r"checkpoint_\d+_(\d+)\.pt$")
+logger = logging.getLogger(__name__)
 
 
 def slug(name: str) -> str:
@@ -46,9 +47,6 @@ def merge_folder(out: Path, name: str) -> Path:
     """The folder ``merge.py`` writes a merge into, inside the step's folder ``merge/<name>/``
     (merge.py replaces its output folder whole and refuses files it did not write)."""
     return out / "merge" / name / "merged"
-
-
-logger = logging.getLogger(__name__)
 
 
 def share_tokens(folder: Path, teacher: Path) -> None:
