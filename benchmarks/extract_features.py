@@ -2,11 +2,14 @@
 
 Both hold the same randomly initialised MERT-v1-95M weights (converted through the HF format)
 and return all 13 hidden states for batches of 30 s windows (the probing chunk), in eval mode
-under ``torch.inference_mode``. Prints the median clips per second of each, their ratio, the
-largest difference between their hidden states and the machine's load average, on the CPU and
-on CUDA when present.
+under ``torch.inference_mode``, in each precision of `culturemert.probing.precision` (float32;
+on CUDA also bfloat16 and float16 autocast, both models alike). Prints the median clips per
+second of each, their ratio, the largest difference between our hidden states and HubertModel's
+float32 ones, the same for the mean-pooled states relative to their layer's largest value, and
+the machine's load average, on the CPU and on CUDA when present.
 
     python benchmarks/extract_features.py [--batch 2] [--repeats 3] [--threads 1] [--seconds 30]
+        [--devices cpu,cuda]
 """
 
 from __future__ import annotations
@@ -25,13 +28,16 @@ from culturemert import load_model
 from culturemert.audio import SAMPLE_RATE
 from culturemert.checkpoint import convert, save_fairseq
 from culturemert.models.mert import MertConfig, MertModel
+from culturemert.probing.precision import PRECISIONS, computation
 
 
-def clips_per_second(forwards: dict, wav: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median clips/s of each forward; the timed batches alternate between the forwards so that
-    a change in machine load affects them alike."""
+def clips_per_second(
+    forwards: dict, wav: torch.Tensor, repeats: int, precision: str = "float32"
+) -> dict[str, float]:
+    """Median clips/s of each forward in ``precision``; the timed batches alternate between the
+    forwards so that a change in machine load affects them alike."""
     times = {name: [] for name in forwards}
-    with torch.inference_mode():
+    with computation(precision, wav.device):
         for forward in forwards.values():
             forward(wav)  # warm-up
         for _ in range(repeats):
@@ -46,21 +52,29 @@ def clips_per_second(forwards: dict, wav: torch.Tensor, repeats: int) -> dict[st
     return {name: wav.shape[0] / statistics.median(seconds) for name, seconds in times.items()}
 
 
-def compare(ours: MertModel, theirs: HubertModel, wav: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Clips/s of both models' 13 hidden states on ``wav`` (`clips_per_second`) and the largest
-    difference between their hidden states (``max_difference``)."""
-    speed = clips_per_second(
-        {
-            "culturemert": ours.hidden_states,
-            "transformers": lambda w: theirs(w, output_hidden_states=True).hidden_states,
-        },
-        wav,
-        repeats,
-    )
-    with torch.inference_mode():
-        pairs = zip(ours.hidden_states(wav), theirs(wav, output_hidden_states=True).hidden_states)
-        difference = max((a - b).abs().max().item() for a, b in pairs)
-    return {**speed, "max_difference": difference}
+def compare(
+    ours: MertModel, theirs: HubertModel, wav: torch.Tensor, repeats: int, precision: str = "float32"
+) -> dict[str, float]:
+    """Clips/s of both models' 13 hidden states on ``wav`` in ``precision`` (`clips_per_second`),
+    the largest difference between our states in ``precision`` and HubertModel's in float32
+    (``max_difference``), and the largest difference of the mean-pooled states (the probe's
+    features) relative to the largest pooled value of their layer (``pooled_relative``)."""
+
+    def hubert(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return theirs(w, output_hidden_states=True).hidden_states
+
+    forwards = {"culturemert": ours.hidden_states, "transformers": hubert}
+    speed = clips_per_second(forwards, wav, repeats, precision)
+    with computation("float32", wav.device):
+        reference = [state.float() for state in hubert(wav)]
+    with computation(precision, wav.device):
+        mine = [state.float() for state in ours.hidden_states(wav)]
+    difference = max((a - b).abs().max().item() for a, b in zip(mine, reference))
+    pooled = [
+        ((a.mean(dim=1) - b.mean(dim=1)).abs().max() / b.mean(dim=1).abs().max()).item()
+        for a, b in zip(mine, reference)
+    ]
+    return {**speed, "max_difference": difference, "pooled_relative": max(pooled)}
 
 
 def main() -> None:
@@ -69,6 +83,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=30.0, help="window length")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--devices", default="cpu,cuda", help="comma-separated; cuda is left out where there is none"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -79,23 +96,26 @@ def main() -> None:
         ours = load_model(Path(tmp) / "model.pt")
         theirs = HubertModel.from_pretrained(Path(tmp) / "hf").eval()
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
     print(
         f"{args.seconds:g} s clips, batch {args.batch}, {args.repeats} timed batches, {args.threads} CPU "
         f"threads, load average {' '.join(f'{load:.2f}' for load in os.getloadavg())} before"
     )
-    print(f"{'device':<8}{'culturemert clips/s':>22}{'transformers clips/s':>22}{'ratio':>8}{'max diff':>10}")
+    print(
+        f"{'device':<7}{'precision':>10}{'culturemert clips/s':>21}{'transformers clips/s':>22}{'ratio':>7}"
+        f"{'max diff':>10}{'pooled rel':>12}"
+    )
     for device in devices:
         ours.to(device)
         theirs.to(device)
         wav = torch.randn(args.batch, round(args.seconds * SAMPLE_RATE), device=device)
-        result = compare(ours, theirs, wav, args.repeats)
-        difference = result["max_difference"]
-        ours_speed, theirs_speed = result["culturemert"], result["transformers"]
-        print(
-            f"{device:<8}{ours_speed:>22.3f}{theirs_speed:>22.3f}{ours_speed / theirs_speed:>8.2f}"
-            f"{difference:>10.1e}"
-        )
+        for precision in PRECISIONS if device == "cuda" else ["float32"]:
+            r = compare(ours, theirs, wav, args.repeats, precision)
+            mine, hubert = r["culturemert"], r["transformers"]
+            print(
+                f"{device:<7}{precision:>10}{mine:>21.3f}{hubert:>22.3f}{mine / hubert:>7.2f}"
+                f"{r['max_difference']:>10.1e}{r['pooled_relative']:>12.1e}"
+            )
     print(f"load average {' '.join(f'{load:.2f}' for load in os.getloadavg())} after")
 
 

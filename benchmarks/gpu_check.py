@@ -18,11 +18,15 @@ Where CUDA exists, from nothing but this repository:
    allocated memory less 1 GiB for the CUDA context and the allocator's cache (doubling, then
    bisection, an out-of-memory error counting as not fitting);
 5. feature extraction clips/s of the trained model against transformers' ``HubertModel`` on the
-   same weights (``benchmarks/extract_features.py``), with the largest hidden-state difference.
+   same weights, 4 x 30 s windows, in float32 and both 16-bit autocasts
+   (``benchmarks/extract_features.py``), with the largest differences from HubertModel's float32
+   hidden states and mean-pooled features.
 
 ``--cpu-tiny`` runs the same steps on the CPU at test size (the tiny model of
 ``configs/model/tiny.yaml``, ``PRESET=tiny``: 1 s crops, 2 updates per stage; peak RSS instead of
-CUDA memory, a 0.5 GiB budget). Exit status 1 when a stage logged a non-finite loss.
+CUDA memory, a 0.5 GiB budget; extraction of 1 s clips in float32). Each section prints its table
+as soon as it is done, or one line saying why it failed, and the others still run. Exit status 1
+when a section failed or a stage logged a non-finite loss.
 
     python benchmarks/gpu_check.py [--work DIR] [--updates 12]
     python benchmarks/gpu_check.py --cpu-tiny
@@ -40,6 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -54,8 +60,10 @@ from transformers import HubertModel
 
 from culturemert import load_model
 from culturemert.audio import SAMPLE_RATE
+from culturemert.checkpoint import convert
 from culturemert.data.manifest import write_manifest
 from culturemert.models.config import MertConfig
+from culturemert.probing.precision import PRECISIONS
 from culturemert.testing import write_release_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,14 +86,15 @@ class Settings:
     budget_gib: float  # memory a per-step batch may use
     max_batch: int  # the search stops here
     extract_batch: int
+    extract_samples: int
     extract_repeats: int
 
 
 def settings(cpu_tiny: bool) -> Settings:
     if cpu_tiny:
         tiny = yaml.safe_load((REPO / "configs" / "model" / "tiny.yaml").read_text())
-        return Settings("cpu", MertConfig(**tiny), "tiny", 2, 1, 24_000, 5.0, 2, 0.5, 16, 2, 2)
-    return Settings("cuda", MertConfig(), None, 4, 8, 120_000, 6.0, 8, 12.0 - 1.0, 512, 4, 5)
+        return Settings("cpu", MertConfig(**tiny), "tiny", 2, 1, 24_000, 5.0, 2, 0.5, 16, 2, 24_000, 2)
+    return Settings("cuda", MertConfig(), None, 4, 8, 120_000, 6.0, 8, 12.0 - 1.0, 512, 4, 720_000, 5)
 
 
 def synthetic_music(seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -295,19 +304,20 @@ def measure_option(name: str, s: Settings, steps: int = 3) -> dict:
     }
 
 
-def extraction(hf: Path, s: Settings) -> dict:
-    """Clips/s of MertModel.hidden_states and HubertModel on the exported folder's weights."""
+def extraction(hf: Path, s: Settings) -> list[dict]:
+    """Clips/s of MertModel.hidden_states and HubertModel on the exported folder's weights, per
+    precision (float32 only on the CPU)."""
     ours = load_model(hf).to(s.device)
     theirs = HubertModel.from_pretrained(hf).eval().to(s.device)
-    wav = torch.randn(s.extract_batch, s.crop_samples, device=s.device) * 0.1
-    return compare(ours, theirs, wav, s.extract_repeats)
+    wav = torch.randn(s.extract_batch, s.extract_samples, device=s.device) * 0.1
+    precisions = PRECISIONS if s.device == "cuda" else ["float32"]
+    return [{"precision": p, **compare(ours, theirs, wav, s.extract_repeats, p)} for p in precisions]
 
 
-def report(s: Settings, updates: int, stages: list[dict], options: list[dict], extract: dict) -> str:
+def stages_table(s: Settings, updates: int, stages: list[dict]) -> str:
     crop = s.crop_samples / SAMPLE_RATE
-    memory = "peak CUDA GiB" if s.device == "cuda" else "peak RSS+ GiB"
-    step = f"{s.clips_per_step} x {crop:g} s"
-    lines = [f"stages through scripts/run_cpt.sh ({updates} updates each, {step} per step)"]
+    per_step = f"{s.clips_per_step} x {crop:g} s per step"
+    lines = [f"stages through scripts/run_cpt.sh ({updates} updates each, {per_step})"]
     lines.append(
         f"{'stage':<8}{'updates/s':>11}{'audio s/s':>11}{'peak CUDA GiB':>15}{'losses':>11}  precision"
     )
@@ -319,24 +329,35 @@ def report(s: Settings, updates: int, stages: list[dict], options: list[dict], e
             f"{'stage ' + str(stage['stage']):<8}{_number(rate, 3):>11}{_number(audio, 1):>11}"
             f"{_number(cuda, 2):>15}{'finite' if stage['finite'] else 'NOT-FINITE':>11}  {stage['precision']}"
         )
-    lines += [
-        "",
-        f"training options (stage 2 step, {s.clips_per_step} x {crop:g} s; budget {s.budget_gib:g} GiB)",
-    ]
+    return "\n".join(lines)
+
+
+def options_table(s: Settings, options: list[dict]) -> str:
+    crop = s.crop_samples / SAMPLE_RATE
+    memory = "peak CUDA GiB" if s.device == "cuda" else "peak RSS+ GiB"
+    lines = [f"training options (stage 2 step, {s.clips_per_step} x {crop:g} s; budget {s.budget_gib:g} GiB)"]
     lines.append(f"{'option':<15}{'precision':>10}{memory:>15}{'updates/s':>11}{'largest batch':>15}")
     for o in options:
         largest = f"{'>=' if o['capped'] else ''}{o['largest_batch']}"
         lines.append(
             f"{o['option']:<15}{o['precision']:>10}{o['peak_gib']:>15.2f}{o['updates_per_s']:>11.3f}{largest:>15}"
         )
-    lines += ["", f"feature extraction ({s.extract_batch} x {crop:g} s clips, all hidden states)"]
+    return "\n".join(lines)
+
+
+def extraction_table(s: Settings, extract: list[dict]) -> str:
+    window = s.extract_samples / SAMPLE_RATE
+    lines = [f"feature extraction ({s.extract_batch} x {window:g} s clips, all hidden states)"]
     lines.append(
-        f"{'device':<8}{'culturemert clips/s':>21}{'transformers clips/s':>22}{'ratio':>8}{'max diff':>10}"
+        f"{'precision':<10}{'culturemert clips/s':>21}{'transformers clips/s':>22}{'ratio':>8}"
+        f"{'max diff':>10}{'pooled rel':>12}"
     )
-    ours, theirs = extract["culturemert"], extract["transformers"]
-    lines.append(
-        f"{s.device:<8}{ours:>21.2f}{theirs:>22.2f}{ours / theirs:>8.2f}{extract['max_difference']:>10.1e}"
-    )
+    for e in extract:
+        ours, theirs = e["culturemert"], e["transformers"]
+        lines.append(
+            f"{e['precision']:<10}{ours:>21.2f}{theirs:>22.2f}{ours / theirs:>8.2f}"
+            f"{e['max_difference']:>10.1e}{e['pooled_relative']:>12.1e}"
+        )
     return "\n".join(lines)
 
 
@@ -354,23 +375,47 @@ def main(argv: list[str] | None = None) -> int:
     updates = args.updates or (2 if args.cpu_tiny else 12)
     if s.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; --cpu-tiny runs the CPU version")
+    device = torch.cuda.get_device_name(0) if s.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {device}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    failed = False
+
+    def section(name: str, work: Callable[[], str]) -> None:
+        """Print the table ``work`` makes, or one line saying why it failed; the other sections run
+        either way, so one failure on a rented GPU does not lose the other figures."""
+        nonlocal failed
+        start = time.perf_counter()
+        try:
+            table = work()
+        except Exception as error:  # reported, and the exit status says so
+            failed = True
+            first_line = (str(error).splitlines() or [""])[0]
+            table = f"{name} FAILED: {type(error).__name__}: {first_line}"
+            traceback.print_exc()
+        print(f"{table}\n({name}: {time.perf_counter() - start:.0f} s)\n", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for folder in ("audio", "manifests/stage1", "manifests/stage2", "tokens/stage1", "tokens/stage2"):
             (work / folder).mkdir(parents=True, exist_ok=True)
         log = work / "gpu_check.log"
-        start = time.perf_counter()
         write_release_checkpoint(work / "init.pt", s.model, seed=0, optimizer_state=False)
-        prepare_data(work, s, updates, log)
-        stages, hf = train_stages(work, s, updates, log)
-        options = [measure_option(name, s) for name in OPTIONS]
-        extract = extraction(hf, s)
-        device = torch.cuda.get_device_name(0) if s.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-        took = time.perf_counter() - start
-        print(f"device: {device}; load average {os.getloadavg()[0]:.1f}; took {took:.0f} s")
-        print(report(s, updates, stages, options, extract))
-    return 0 if all(stage["finite"] for stage in stages) else 1
+        hf = work / "init_hf"  # the extraction's weights where training fails
 
+        def training() -> str:
+            nonlocal hf
+            prepare_data(work, s, updates, log)
+            stages, hf = train_stages(work, s, updates, log)
+            if not all(stage["finite"] for stage in stages):
+                nonlocal failed
+                failed = True
+            return stages_table(s, updates, stages)
+
+        section("training", training)
+        section("options", lambda: options_table(s, [measure_option(name, s) for name in OPTIONS]))
+        if not hf.exists():
+            convert(work / "init.pt", hf)
+        section("extraction", lambda: extraction_table(s, extraction(hf, s)))
+    return 1 if failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

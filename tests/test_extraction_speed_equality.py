@@ -22,6 +22,7 @@ from culturemert.cli.probe import main as probe_main
 from culturemert.models.extractor import TILE_FRAMES, extractor_features
 from culturemert.models.mert import MertConfig, MertModel
 from culturemert.probing.chunking import chunk_bounds
+from culturemert.probing.precision import PRECISIONS, computation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,3 +97,26 @@ def test_probe_extract_writes_the_mean_pooled_states_of_transformers_hubert(tmp_
     written = np.load(out / "features.npy").astype(np.float32)
     assert written.shape == (len(expected), 3, 64)
     np.testing.assert_allclose(written, np.stack(expected), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_states_in_each_precision_against_the_cpus_float32(tmp_path):
+    """MERT-v1-95M on CUDA: float32 (TF32 off) equals the CPU's states within 1e-4; under bfloat16
+    and float16 autocast the mean-pooled states, the probe's features, stay within 3 % of their
+    layer's largest value and are finite."""
+    model, _ = hubert_pair(MertConfig(), tmp_path)
+    wav = torch.randn(2, 6 * SAMPLE_RATE) * torch.tensor([[0.05], [1.0]])
+    with computation("float32", "cpu"):
+        reference = model.hidden_states(wav)
+    model.cuda()
+    for precision in PRECISIONS:
+        with computation(precision, "cuda"):
+            states = [state.float().cpu() for state in model.hidden_states(wav.cuda())]
+        for layer, (state, expected) in enumerate(zip(states, reference)):
+            assert torch.isfinite(state).all(), f"{precision}: hidden state {layer} is not finite"
+            if precision == "float32":
+                error = (state - expected).abs().max().item()
+                assert error < 1e-4, f"float32 hidden state {layer} differs by {error}"
+            pooled, expected_pooled = state.mean(dim=1), expected.mean(dim=1)
+            relative = ((pooled - expected_pooled).abs().max() / expected_pooled.abs().max()).item()
+            assert relative < 3e-2, f"{precision}: pooled hidden state {layer} differs by {relative:.1e}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -258,6 +259,28 @@ def test_extraction_resumes_after_a_crash_and_matches_an_uninterrupted_run(tagge
     assert not (resumed / ".partial").exists()
     for name in ("features.npy", "chunk_recording.npy", "labels.npy"):
         assert (whole / name).read_bytes() == (resumed / name).read_bytes()
+
+
+def test_the_precision_is_part_of_the_cache_and_16_bits_need_cuda(cache, tagged, tmp_path, capsys):
+    """A cache records its precision; bfloat16 on the CPU is refused before any work, and a cache
+    made in another precision (a bfloat16 cache copied from a GPU machine) is not reused."""
+    audio, task_file, model = tagged
+    assert FeatureCache.open(cache).meta["precision"] == "float32"
+    args = ["extract", "--model", str(model), "--task", str(task_file), "--audio-root", str(audio)]
+    args += ["--window-seconds", str(WINDOW), "--name", "tiny", "--no-progress"]
+    capsys.readouterr()
+    assert probe_cli([*args, "--out", str(tmp_path / "bf16"), "--precision", "bfloat16"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "CUDA only" in error and "--precision float32" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "bf16").exists()
+
+    copied = tmp_path / "copied"
+    shutil.copytree(cache, copied)
+    meta = json.loads((copied / "meta.json").read_text())
+    (copied / "meta.json").write_text(json.dumps({**meta, "precision": "bfloat16"}))
+    assert probe_cli([*args, "--out", str(copied)]) == 2
+    error = capsys.readouterr().err
+    assert "other precision" in error and str(copied) in error
 
 
 # --- probe and metrics ------------------------------------------------------------------------

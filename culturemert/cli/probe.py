@@ -36,6 +36,7 @@ from culturemert.errors import listing
 from culturemert.probing.bootstrap import RESAMPLES
 from culturemert.probing.chunking import WINDOW_SECONDS
 from culturemert.probing.features import BATCH_SIZE, PART_RECORDINGS, FeatureCache, extract_features
+from culturemert.probing.precision import PRECISIONS
 from culturemert.probing.probe import ALL_LAYERS, ProbeConfig, ProbeError, fit_probe, write_run
 from culturemert.probing.report import write_report
 from culturemert.probing.runs import ReportError
@@ -66,6 +67,7 @@ def extract(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         part_recordings=args.part_recordings,
         device=args.device,
+        precision=args.precision,
         workers=args.workers,
         window_seconds=args.window_seconds,
         skipped=skipped,
@@ -163,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
         "--part-recordings", type=int, default=PART_RECORDINGS, help="recordings per resumable part"
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="float32",
+        help="the model's arithmetic; bfloat16 and float16 are autocast on CUDA, recorded in the cache",
+    )
     p.add_argument("--workers", type=int, default=0, help="audio decoding processes")
     p.add_argument("--skip-missing", action="store_true", help="drop recordings without audio (recorded)")
     p.add_argument(

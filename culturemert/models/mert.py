@@ -268,8 +268,9 @@ class MertModel(BaseFairseqModel):
 
     def inference_conv_features(self, wav: torch.Tensor) -> torch.Tensor:
         """``feature_extractor(wav).transpose(1, 2)`` [B, frames, C] (channels last) in eval mode:
-        by `extractor_features` in fairseq's "default" mode, by the extractor itself otherwise."""
-        if is_default_mode(self.feature_extractor):
+        on the CPU by `extractor_features` in fairseq's "default" mode, else by the extractor
+        itself (on CUDA cuDNN's convolutions are faster, and they follow autocast)."""
+        if wav.device.type == "cpu" and is_default_mode(self.feature_extractor):
             return extractor_features(self.feature_extractor, wav)
         return self.feature_extractor(wav).transpose(1, 2)
 

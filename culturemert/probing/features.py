@@ -2,7 +2,8 @@
 
 Every recording is decoded block-wise up to its duration cut (`culturemert.audio.load_audio`, so
 memory is bounded by the cut, not the file), optionally normalised and chunked (`chunking`); each
-chunk is encoded by the frozen model in eval mode (`MertModel.hidden_states`, float32) and each of
+chunk is encoded by the frozen model in eval mode (`MertModel.hidden_states`, float32, or 16-bit
+autocast on CUDA: `culturemert.probing.precision`) and each of
 its hidden states (13 for MERT-v1-95M: the transformer input and the 12 layer outputs) is
 mean-pooled over the chunk's frames. Chunks of equal length are batched together, across
 recordings, and nothing is padded: the first conv layer's GroupNorm normalises over time, so
@@ -53,6 +54,7 @@ from culturemert.fingerprint import audio_sha256, model_sha256, save_record
 from culturemert.models.mert import MertModel, conv_output_lengths
 from culturemert.parts import Parts
 from culturemert.probing.chunking import MIN_LAST_SECONDS, WINDOW_SECONDS, recording_chunks
+from culturemert.probing.precision import check_precision, computation
 from culturemert.probing.tasks import Task
 
 PART_RECORDINGS = 256
@@ -60,7 +62,6 @@ BATCH_SIZE = 8
 PENDING_BATCHES = 8  # chunks waiting for a same-length partner are encoded once this many batches wait
 FEATURE_DTYPE = "<f2"
 FEATURE_MAX = float(np.finfo(np.float16).max)
-PRECISION = "float32"  # of the model's computation; features are stored as float16
 
 PathLike = str | os.PathLike
 
@@ -185,10 +186,13 @@ def check_weights(model: MertModel, model_path: Path) -> None:
         )
 
 
-def encode_chunks(model: MertModel, chunks: list[np.ndarray], device: torch.device) -> np.ndarray:
-    """Mean-pooled hidden states float32 [chunks, layers, dim] of equal-length chunks."""
+def encode_chunks(
+    model: MertModel, chunks: list[np.ndarray], device: torch.device, precision: str = "float32"
+) -> np.ndarray:
+    """Mean-pooled hidden states float32 [chunks, layers, dim] of equal-length chunks, computed
+    in ``precision`` (`culturemert.probing.precision`)."""
     wav = torch.from_numpy(np.stack(chunks)).to(device)
-    with torch.inference_mode():
+    with computation(precision, device):
         states = model.hidden_states(wav)
     return torch.stack([state.float().mean(dim=1) for state in states], dim=1).cpu().numpy()
 
@@ -198,10 +202,17 @@ class _PartEncoder:
     a recording whose audio cannot be used is an error, or recorded as bad with `skip_bad`."""
 
     def __init__(
-        self, model: MertModel, device: torch.device, batch_size: int, ids: list[str], skip_bad: bool
+        self,
+        model: MertModel,
+        device: torch.device,
+        precision: str,
+        batch_size: int,
+        ids: list[str],
+        skip_bad: bool,
     ):
         self.model = model
         self.device = device
+        self.precision = precision
         self.batch_size = batch_size
         self.ids = ids
         self.skip_bad = skip_bad
@@ -230,7 +241,7 @@ class _PartEncoder:
 
     def _encode(self, length: int) -> None:
         group = self.waiting.pop(length)
-        pooled = encode_chunks(self.model, [chunk for _, chunk in group], self.device)
+        pooled = encode_chunks(self.model, [chunk for _, chunk in group], self.device, self.precision)
         for (slot, _), values in zip(group, pooled):
             if not np.isfinite(values).all() or np.abs(values).max() > FEATURE_MAX:
                 recording = self.ids[self.chunk_recording[slot]]
@@ -294,7 +305,6 @@ def _finalize(out_dir: Path, store: Parts, task: Task, settings: dict, model_pat
         "layers": int(layers),
         "dim": int(dim),
         "dtype": "float16",
-        "precision": PRECISION,
     }
     write_json_atomically(out_dir / "meta.json", meta)
     store.remove()
@@ -310,6 +320,7 @@ def extract_features(
     batch_size: int = BATCH_SIZE,
     part_recordings: int = PART_RECORDINGS,
     device: str | torch.device = "cpu",
+    precision: str = "float32",
     workers: int = 0,
     window_seconds: float = WINDOW_SECONDS,
     min_last_seconds: float = MIN_LAST_SECONDS,
@@ -322,7 +333,8 @@ def extract_features(
     model at `model_path` into the cache folder `out_dir`, resuming unfinished work (module
     docstring). `skipped` lists ids already dropped for missing audio, recorded in meta.json;
     with `skip_bad` recordings with unusable audio are dropped and recorded too; `trust_checkpoint`
-    as in `load_model`. Rerunning on a
+    as in `load_model`; `precision` of the model's arithmetic (`culturemert.probing.precision`),
+    part of the cache's settings. Rerunning on a
     complete cache of the same task, model, audio and settings does nothing. Returns `out_dir`.
     """
     if len(task) == 0:
@@ -335,6 +347,10 @@ def extract_features(
         raise FeatureCacheError(
             f"batch_size={batch_size} and part_recordings={part_recordings} must be positive"
         )
+    try:
+        check_precision(precision, device)
+    except ValueError as error:
+        raise FeatureCacheError(str(error)) from None
     out_dir = Path(out_dir)
     model_path = Path(model_path)
     if not model_path.exists():
@@ -351,6 +367,7 @@ def extract_features(
         "window_seconds": window_seconds,
         "min_last_seconds": min_last_seconds,
         "sample_rate": SAMPLE_RATE,
+        "precision": precision,
         "part_recordings": part_recordings,
         "skipped_missing_audio": sorted(skipped or []),
     }
@@ -379,7 +396,7 @@ def extract_features(
     )
     recordings = iter(loader)
     for index in pending:
-        encoder = _PartEncoder(model, device, batch_size, task.ids, skip_bad)
+        encoder = _PartEncoder(model, device, precision, batch_size, task.ids, skip_bad)
         for _ in parts[index]:
             row, chunks = next(recordings)
             encoder.add(row, chunks)
