@@ -30,7 +30,7 @@ from culturemert.music_corpus import render_collection
 from culturemert.probing import features as features_module
 from culturemert.probing.chunking import chunk_bounds, normalize, recording_chunks
 from culturemert.probing.features import FeatureCache, FeatureCacheError, extract_features
-from culturemert.probing.metrics import evaluable_tags, tagging_metrics
+from culturemert.probing.metrics import evaluable_tags, macro_roc_auc, tagging_metrics
 from culturemert.probing.probe import ProbeConfig, fit_probe
 from culturemert.probing.report import lambda_of, markdown_tables, write_report
 from culturemert.probing.tasks import (
@@ -341,6 +341,21 @@ def test_tags_without_both_classes_are_left_out_of_every_metric():
     kept = y_true[:, [0, 2]], y_score[:, [0, 2]]
     assert metrics["roc_auc"] == pytest.approx(roc_auc_score(*kept, average="macro"))
     assert metrics["micro_f1"] == pytest.approx(f1_score(kept[0], kept[1] >= 0.5, average="micro"))
+
+
+def test_the_validation_roc_auc_by_ranks_equals_scikit_learns_with_ties_and_constant_tags():
+    """Early stopping's metric: scores rounded to 1 decimal, so most tags have ties, and two tags
+    without both classes, which are left out as in `tagging_metrics`."""
+    rng = np.random.default_rng(1)
+    y_true = rng.random((57, 9)) < np.linspace(0.05, 0.6, 9)
+    y_true[:, 2] = False
+    y_true[:, 7] = True
+    y_score = np.round(rng.random((57, 9)) * 0.6 + 0.4 * y_true, 1)
+    kept = evaluable_tags(y_true)
+    expected = roc_auc_score(y_true[:, kept], y_score[:, kept], average="macro")
+    assert macro_roc_auc(y_true, y_score) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="cannot be scored"):
+        macro_roc_auc(y_true[:, [2, 7]], y_score[:, [2, 7]])
 
 
 # --- report -----------------------------------------------------------------------------------

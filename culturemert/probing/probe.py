@@ -36,7 +36,13 @@ from tqdm import tqdm
 from culturemert.errors import UserError
 from culturemert.files import write_atomically, write_json_atomically
 from culturemert.probing.features import FeatureCache
-from culturemert.probing.metrics import METRICS, average_by_recording, evaluable_tags, tagging_metrics
+from culturemert.probing.metrics import (
+    METRICS,
+    average_by_recording,
+    evaluable_tags,
+    macro_roc_auc,
+    tagging_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +154,7 @@ class ProbeData:
         return expit(mean_logits)
 
     def valid_roc_auc(self, model: ProbeMLP) -> float:
-        return tagging_metrics(self.labels["valid"], self.recording_scores(model, "valid"))["roc_auc"]
+        return macro_roc_auc(self.labels["valid"], self.recording_scores(model, "valid"))
 
 
 @dataclass
