@@ -16,8 +16,15 @@ if command -v python >/dev/null && installed python; then
 fi
 venv=$repo/.venv
 if ! installed "$venv/bin/python"; then
-    echo "== setting up $venv (first use only; about 3 minutes on 2 cores)" >&2
+    log=$venv/install.log
+    echo "== setting up $venv (first use only; about 3 minutes on 2 cores; pip's output: $log)" >&2
     [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv" >&2
-    PYTHON="$venv/bin/python" bash "$repo/scripts/install.sh" >&2
+    # the phases on the console, everything in the log
+    if ! PYTHON="$venv/bin/python" bash "$repo/scripts/install.sh" 2>&1 | tee "$log" |
+        grep --line-buffered -E '^(==|using torch|removing|install.sh:)' >&2; then
+        echo "setting up $venv failed; the end of $log:" >&2
+        tail -n 30 "$log" >&2
+        exit 1
+    fi
 fi
 echo "$venv/bin/python"
