@@ -21,6 +21,7 @@ from culturemert.cli.experiment import main
 from culturemert.experiment.config import ExperimentError, load_experiment
 from culturemert.experiment.logs import stage_curves
 from culturemert.experiment.plan import run_folder
+from culturemert.experiment.summary import resolved_effects
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "experiments" / "demo.yaml"
@@ -123,6 +124,7 @@ def test_demo_experiment_small_end_to_end_with_a_kill(tmp_path):
     readme = (report / "README.md").read_text()
     assert all(name in readme for name in FIGURES)
     assert result.stdout.count("Test ROC-AUC (%)") == 1  # the summary table, printed once
+    assert result.stdout.count("What the intervals resolve") == 1 and "- adaptation, " in result.stdout
 
     # every reported number equals scikit-learn on the saved predictions of the chosen run
     table = cells(report / "table_4_1.csv")
@@ -241,3 +243,37 @@ def test_runs_share_token_caches_only_with_their_teacher(tmp_path):
     (tokens / "stage1").mkdir()
     share_tokens(tokens, teacher)  # caches that no marker ties to a teacher are removed too
     assert not (tokens / "stage1").exists()
+
+
+def test_the_resolved_effects_count_each_cell_by_its_interval_and_direction(tmp_path):
+    """The demo's experiment with a hand-made table: a cell counts as resolved only where its
+    interval excludes 0 on the side the effect claims (a gain on the source is not forgetting)."""
+    experiment = load_experiment(REPO / "configs" / "experiments" / "demo.yaml")
+    cells_by_model = {  # (difference, low, high) in points against source
+        "untrained": {"western": (-7, -9, -5), "essen": (-2, -5, 1), "fiddle": (-6, -8, -4)},
+        "control": {"western": (2, 1, 3), "essen": (0, -1, 1), "fiddle": (1, -1, 3)},
+        "essen": {"western": (-3, -5, -1), "essen": (4, 2, 6), "fiddle": (0, -2, 2)},
+        "fiddle": {"western": (2, 1, 3), "essen": (1, -1, 3), "fiddle": (-3, -5, -1)},
+    }
+    table = tmp_path / "table_4_1.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "task", "metric", "mean", "difference", "difference_low",
+                         "difference_high", "significant"])  # fmt: skip
+        for task in ("western", "essen", "fiddle"):
+            writer.writerow(["source", task, "roc_auc", 0.8, "", "", "", ""])
+        for model, tasks in cells_by_model.items():
+            for task, (difference, low, high) in tasks.items():
+                values = [value / 100 for value in (80 + difference, difference, low, high)]
+                writer.writerow([model, task, "roc_auc", *values, low > 0 or high < 0])
+    lines = resolved_effects(table, experiment, {"western"}).splitlines()
+    assert lines[1:] == [
+        "- gate, source above the start model untrained: western -7.0*, essen -2.0, fiddle -6.0*: "
+        "resolved in 2 of 3",
+        "- more training alone (control, on source audio): western +2.0*, essen +0.0, fiddle +1.0: "
+        "resolved in 1 of 3",
+        "- adaptation, each run on its own target: essen on essen +4.0*, fiddle on fiddle -3.0*: "
+        "resolved in 1 of 2",
+        "- forgetting, the adapted runs on the source tasks (a loss): essen on western -3.0*, "
+        "fiddle on western +2.0*: resolved in 1 of 2",
+    ]

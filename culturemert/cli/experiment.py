@@ -21,7 +21,7 @@ from culturemert.cli import command
 from culturemert.experiment.config import load_experiment
 from culturemert.experiment.plan import Plan
 from culturemert.experiment.steps import Runner, Step
-from culturemert.experiment.summary import console_table
+from culturemert.experiment.summary import console_table, resolved_effects
 
 logger = logging.getLogger("experiment")
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     source = {name for name, task in experiment.tasks.items() if task.source}
     if (folder / "table_4_1.csv").is_file():
         print("\n" + console_table(folder / "table_4_1.csv", experiment.report.baseline, source))
+        print("\n" + resolved_effects(folder / "table_4_1.csv", experiment, source))
     print(f"\nran {len(runner.ran)} steps; the report, its tables and figures: {folder / 'README.md'}")
     return 0
 

@@ -1,15 +1,23 @@
-"""The console summary of an experiment: Table 4.1's ROC-AUC as plain text (thesis 4.1).
+"""The console summary of an experiment: Table 4.1's ROC-AUC as plain text (thesis 4.1), and
+what it resolves.
 
-One row per model in the table's order (the baseline first), one column per task: the mean test
-ROC-AUC over seeds in percent and, for the other models, the paired difference to the baseline
-with its 95 % bootstrap interval, ``*`` where the interval excludes 0; then the mean over the
-source (Western) tasks and over the target tasks, named apart. Read from ``table_4_1.csv``.
+`console_table`: one row per model in the table's order (the baseline first), one column per
+task: the mean test ROC-AUC over seeds in percent and, for the other models, the paired
+difference to the baseline with its 95 % bootstrap interval, ``*`` where the interval excludes
+0; then the mean over the source (Western) tasks and over the target tasks, named apart.
+
+`resolved_effects`: the method's effects read off those differences, one line each, with how
+many of their cells the intervals resolve: the gate (the baseline beats the untrained start),
+more training alone (runs on source audio only), adaptation (each run on its own target tasks)
+and forgetting (runs with targets, on the source tasks). Both read ``table_4_1.csv``.
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+
+from culturemert.experiment.config import Experiment
 
 
 def _points(value: str, sign: bool = False) -> str:
@@ -25,10 +33,14 @@ def _cell(row: dict[str, str]) -> str:
     return text
 
 
+def _roc_auc_rows(table_csv: Path) -> list[dict[str, str]]:
+    with open(table_csv, newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row["metric"] == "roc_auc"]
+
+
 def console_table(table_csv: Path, baseline: str, source_tasks: set[str]) -> str:
     """The summary (module docstring) of the long-form ``table_4_1.csv`` at `table_csv`."""
-    with open(table_csv, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["metric"] == "roc_auc"]
+    rows = _roc_auc_rows(table_csv)
     models = list(dict.fromkeys(row["model"] for row in rows))
     tasks = list(dict.fromkeys(row["task"] for row in rows))
     cells = {(row["model"], row["task"]): row for row in rows}
@@ -52,3 +64,53 @@ def console_table(table_csv: Path, baseline: str, source_tasks: set[str]) -> str
         f"to {baseline} and its 95 % bootstrap interval over test tracks, * where it excludes 0"
     )
     return "\n".join([title, "", *text])
+
+
+def _effect(title: str, cells: list[tuple[str, dict[str, str]]], sign: int) -> str:
+    """``title``, the cells' differences (``*`` where resolved) and how many are resolved in the
+    direction ``sign`` (+1: a gain over the baseline, -1: a loss)."""
+    listed = ", ".join(
+        f"{label} {_points(row['difference'], True)}{'*' if row['significant'] == 'True' else ''}"
+        for label, row in cells
+    )
+    resolved = sum(
+        row["significant"] == "True" and sign * float(row["difference"]) > 0 for _, row in cells
+    )
+    return f"- {title}: {listed}: resolved in {resolved} of {len(cells)}"
+
+
+def resolved_effects(table_csv: Path, experiment: Experiment, source_tasks: set[str]) -> str:
+    """The effects (module docstring) of ``experiment`` in ``table_4_1.csv``, against its baseline."""
+    rows = {(row["model"], row["task"]): row for row in _roc_auc_rows(table_csv)}
+    baseline = experiment.report.baseline or experiment.start.name
+    tasks = list(dict.fromkeys(task for _, task in rows))
+
+    def cells(model: str, among: list[str], named: bool = False) -> list[tuple[str, dict[str, str]]]:
+        """The model's cells on the tasks ``among``, labelled by task (``named``: "model on task")."""
+        return [
+            (f"{model} on {task}" if named else task, rows[(model, task)])
+            for task in among
+            if (model, task) in rows
+        ]
+
+    lines = [f"What the intervals resolve (differences to {baseline} in points, * where resolved):"]
+    untrained = experiment.start.name
+    if untrained != baseline and any(model == untrained for model, _ in rows):
+        gate = f"gate, {baseline} above the start model {untrained}"
+        lines.append(_effect(gate, cells(untrained, tasks), -1))
+    adaptation, forgetting = [], []
+    for run in experiment.runs:
+        if run.name == baseline:
+            continue
+        targets = [task for task in run.cultures if task in tasks and task not in source_tasks]
+        if not targets:
+            control = f"more training alone ({run.name}, on source audio)"
+            lines.append(_effect(control, cells(run.name, tasks), +1))
+            continue
+        adaptation += cells(run.name, targets, named=True)
+        forgetting += cells(run.name, [task for task in tasks if task in source_tasks], named=True)
+    if adaptation:
+        lines.append(_effect("adaptation, each run on its own target", adaptation, +1))
+    if forgetting:
+        lines.append(_effect("forgetting, the adapted runs on the source tasks (a loss)", forgetting, -1))
+    return "\n".join(lines)
