@@ -6,4 +6,6 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec python -m culturemert.cli.run_cpt "$@"
+# the active environment's interpreter: python where it exists, else python3 (images with only python3)
+python=$(command -v python || command -v python3) || { echo "run_cpt.sh: no python or python3 on PATH" >&2; exit 2; }
+exec "$python" -m culturemert.cli.run_cpt "$@"
