@@ -42,15 +42,21 @@ def evaluable_tags(y_true: np.ndarray) -> np.ndarray:
     return (positives > 0) & (positives < len(y_true))
 
 
+def scored_tags(y_true: np.ndarray) -> np.ndarray:
+    """`evaluable_tags`, or ValueError when no tag can be scored."""
+    kept = evaluable_tags(y_true)
+    if not kept.any():
+        raise ValueError("no tag has both a positive and a negative recording; the split cannot be scored")
+    return kept
+
+
 def macro_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """Macro ROC-AUC of scores [recordings, tags] on the `evaluable_tags`, equal to scikit-learn's
     ``roc_auc_score(average="macro")`` (ties count half) by the rank-sum (Mann-Whitney) form:
     AUC = (sum of the positives' average ranks - P (P + 1) / 2) / (P N). The probe's early
     stopping scores validation every epoch, where scikit-learn's input checks cost more than
     the probe's training steps."""
-    kept = evaluable_tags(y_true)
-    if not kept.any():
-        raise ValueError("no tag has both a positive and a negative recording; the split cannot be scored")
+    kept = scored_tags(y_true)
     positive = y_true[:, kept].astype(bool)
     ranks = rankdata(y_score[:, kept], axis=0)
     count = positive.sum(axis=0)
@@ -61,9 +67,7 @@ def macro_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
 def tagging_metrics(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, float]:
     """Macro ROC-AUC, macro AP, micro-F1 and macro-F1 (at `THRESHOLD`) of scores [recordings, tags]
     on the columns kept by `evaluable_tags`."""
-    kept = evaluable_tags(y_true)
-    if not kept.any():
-        raise ValueError("no tag has both a positive and a negative recording; the split cannot be scored")
+    kept = scored_tags(y_true)
     y_true, y_score = y_true[:, kept], y_score[:, kept]
     predicted = (y_score >= THRESHOLD).astype(int)
     return {
