@@ -38,7 +38,8 @@ FIGURES = [
     "fig_4_10_codebook_loss.png",
     "fig_4_11_grad_norm.png",
 ]
-TABLES = ["table_4_1.md", "table_4_1.csv", "table_4_2.md", "table_4_2.csv", "layers.md"]
+TABLES = ["table_4_1.md", "table_4_1.csv", "table_4_1_groups.md", "table_4_1_groups.csv", "table_4_2.md",
+          "table_4_2.csv", "layers.md"]  # fmt: skip
 
 
 def small_experiment(folder: Path) -> Path:
@@ -123,8 +124,9 @@ def test_demo_experiment_small_end_to_end_with_a_kill(tmp_path):
         assert (report / name).is_file(), name
     readme = (report / "README.md").read_text()
     assert all(name in readme for name in FIGURES)
-    assert result.stdout.count("Test ROC-AUC (%)") == 1  # the summary table, printed once
-    assert result.stdout.count("What the intervals resolve") == 1 and "- adaptation, " in result.stdout
+    for title in ("Test ROC-AUC (%),", "What the intervals resolve (", "per tag group"):
+        assert result.stdout.count(title) == (2 if title == "per tag group" else 1), title
+    assert result.stdout.count("- adaptation, ") == 2  # over the whole tasks and per tag group
 
     # every reported number equals scikit-learn on the saved predictions of the chosen run
     table = cells(report / "table_4_1.csv")
@@ -141,7 +143,26 @@ def test_demo_experiment_small_end_to_end_with_a_kill(tmp_path):
         results = json.loads((folder / "results.json").read_text())
         assert float(row["mean"]) == pytest.approx(results["mean"]["roc_auc"], abs=1e-6)
     assert table[("untrained", "western", "roc_auc")]["difference"] == ""
-    assert table[("fiddle", "western", "roc_auc")]["significant"] in ("True", "False")
+
+    # a tag group's cell is scikit-learn's macro ROC-AUC over the group's tags of the same run; a
+    # group has a cell where one of its tags has both classes in the test split (3 tracks here)
+    groups = cells(report / "table_4_1_groups.csv")
+    for (model, task, metric), row in table.items():
+        if metric != "roc_auc":
+            continue
+        folder = out / "probes" / model.replace(" ", "_") / task / row["layer"]
+        with np.load(folder / "predictions.npz") as data:
+            tags, y_true, scores = data["tags"].astype(str), data["y_true"], data["scores"]
+        kept = (y_true.sum(axis=0) > 0) & (y_true.sum(axis=0) < len(y_true))
+        for group in dict.fromkeys(tag.split("=")[0] for tag in tags):
+            in_group = np.char.startswith(tags, f"{group}=") & kept
+            cell = groups.get((model, f"{task}/{group}", "roc_auc"))
+            assert (cell is not None) == in_group.any(), (model, task, group)
+            if cell is not None:
+                assert cell["layer"] == row["layer"]
+                per_seed = [roc_auc_score(y_true[:, in_group], s[:, in_group]) for s in scores]
+                assert float(cell["mean"]) == pytest.approx(np.mean(per_seed), abs=1e-9)
+    assert ("fiddle", "fiddle/tuning", "roc_auc") in groups
 
     # a rerun does nothing and leaves the same tables; a changed probing setting reruns the fits only
     before = (report / "table_4_1.csv").read_text()
@@ -276,4 +297,28 @@ def test_the_resolved_effects_count_each_cell_by_its_interval_and_direction(tmp_
         "resolved in 1 of 2",
         "- forgetting, the adapted runs on the source tasks (a loss): essen on western -3.0*, "
         "fiddle on western +2.0*: resolved in 1 of 2",
+    ]
+
+
+def test_the_resolved_effects_per_tag_group_sort_groups_by_their_task(tmp_path):
+    """Per tag group, a group of a run's target task counts as adaptation and a group of a source
+    task as forgetting; the title says the cells are groups."""
+    experiment = load_experiment(REPO / "configs" / "experiments" / "demo.yaml")
+    table = tmp_path / "table_4_1_groups.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "task", "metric", "mean", "difference", "difference_low",
+                         "difference_high", "significant"])  # fmt: skip
+        for label, difference in {"western/key": -0.03, "essen/tuning": 0.04, "essen/key": -0.01}.items():
+            writer.writerow(["source", label, "roc_auc", 0.8, "", "", "", ""])
+            low, high = difference - 0.02, difference + 0.02
+            writer.writerow(["essen", label, "roc_auc", 0.8 + difference, difference, low, high,
+                             low > 0 or high < 0])  # fmt: skip
+    lines = resolved_effects(table, experiment, {"western"}, grouped=True).splitlines()
+    assert lines == [
+        "What the intervals resolve per tag group (differences to source in points, * where resolved):",
+        "- adaptation, each run on its own target: essen on essen/tuning +4.0*, essen on essen/key -1.0: "
+        "resolved in 1 of 2",
+        "- forgetting, the adapted runs on the source tasks (a loss): essen on western/key -3.0*: "
+        "resolved in 1 of 1",
     ]

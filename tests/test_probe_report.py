@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from culturemert.cli.probe import main
 from culturemert.probing.bootstrap import Predictions, bootstrap_cell
@@ -16,9 +17,16 @@ from culturemert.probing.metrics import tagging_metrics
 RESAMPLES = 200
 
 
-def write_run(folder: Path, model: str, strength: float, layer: int, predictions: bool = True) -> None:
+def write_run(
+    folder: Path,
+    model: str,
+    strength: float,
+    layer: int,
+    predictions: bool = True,
+    tags: list[str] | None = None,
+) -> None:
     """A probe run folder as `probe.write_run` leaves it: results.json (scikit-learn's metrics of
-    two seeds' scores) and, if `predictions`, predictions.npz."""
+    two seeds' scores, and the names of the 3 tags if given) and, if `predictions`, predictions.npz."""
     rng = np.random.default_rng(int(strength * 100) + layer)
     y_true = np.random.default_rng(0).random((40, 3)) < 0.4  # the same test split for every run
     noise = rng.normal(0, 1.0, (2, *y_true.shape))
@@ -29,6 +37,8 @@ def write_run(folder: Path, model: str, strength: float, layer: int, predictions
     mean["valid_roc_auc"], std["valid_roc_auc"] = 0.5 + 0.1 * layer, 0.0  # the last layer is chosen
     folder.mkdir(parents=True)
     results = {"model": model, "task": "lyra", "layer": layer, "mean": mean, "std": std}
+    if tags is not None:
+        results["tags"] = tags
     (folder / "results.json").write_text(json.dumps(results))
     if predictions:
         ids = np.array([f"track{i}" for i in range(len(y_true))])
@@ -91,3 +101,27 @@ def test_runs_without_predictions_are_reported_without_intervals_and_the_note_sa
     assert "| base | " + f"{percent(base)} ± " in table
     adapted_row = next(line for line in table.splitlines() if line.startswith("| adapted |"))
     assert adapted_row.count("[") == 2  # ROC-AUC and AP intervals; the difference has none
+
+
+def test_tags_named_group_value_get_a_column_per_group(tmp_path):
+    """The group's cell is the macro ROC-AUC over its own tags (scikit-learn's, mean of the seeds)
+    of the run the whole task's cell uses, with the paired bootstrap on those tags."""
+    tags = ["mode=major", "key=C", "key=D"]
+    for model, strength in (("base", 0.5), ("adapted", 1.5)):
+        for layer in (0, 1):
+            write_run(tmp_path / "runs" / model / str(layer), model, strength, layer, tags=tags)
+    table = report(tmp_path / "runs", tmp_path / "report")
+    groups = table.split("### Table 4.1 per tag group")[1].split("###")[0]
+    assert "| model | lyra/mode ROC-AUC | lyra/mode AP | lyra/key ROC-AUC | lyra/key AP |" in groups
+
+    base = Predictions.load(tmp_path / "runs" / "base" / "1")
+    adapted = Predictions.load(tmp_path / "runs" / "adapted" / "1")
+    key = [1, 2]
+    by_sklearn = np.mean([roc_auc_score(adapted.y_true[:, key], s[:, key]) for s in adapted.scores])
+    expected = bootstrap_cell(adapted.columns(key), base.columns(key), RESAMPLES, 0)["roc_auc"]
+    assert expected["mean"] == pytest.approx(by_sklearn)
+    d_low, d_high = expected["difference_interval"]
+    difference = f"Δ {percent(expected['difference'], '+')} [{percent(d_low, '+')}, {percent(d_high, '+')}]"
+    adapted_row = next(line for line in groups.splitlines() if line.startswith("| adapted |"))
+    assert adapted_row.split(" | ")[3].startswith(f"{percent(by_sklearn)} ± ")  # lyra/key ROC-AUC
+    assert difference in adapted_row.split(" | ")[3]

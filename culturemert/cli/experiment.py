@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     runner.run_step(report)
     source = {name for name, task in experiment.tasks.items() if task.source}
-    if (folder / "table_4_1.csv").is_file():
-        print("\n" + console_table(folder / "table_4_1.csv", experiment.report.baseline, source))
-        print("\n" + resolved_effects(folder / "table_4_1.csv", experiment, source))
+    for table, grouped in ((folder / "table_4_1.csv", False), (folder / "table_4_1_groups.csv", True)):
+        if table.is_file():
+            print("\n" + console_table(table, experiment.report.baseline, source, grouped))
+            print("\n" + resolved_effects(table, experiment, source, grouped))
     print(f"\nran {len(runner.ran)} steps; the report, its tables and figures: {folder / 'README.md'}")
     return 0
 

@@ -9,14 +9,16 @@ from culturemert.experiment import figures
 from culturemert.experiment.config import Experiment, model_names
 from culturemert.experiment.logs import run_curves
 from culturemert.experiment.plan import Plan, merge_folder, run_folder
-from culturemert.experiment.tables import write_tables
+from culturemert.experiment.tables import write_group_table, write_tables
 from culturemert.files import write_atomically
 from culturemert.probing.figures import bars, lambda_sweep, layerwise, transfer_matrix
 from culturemert.probing.runs import load_runs, table_cells
 from culturemert.probing.tables import ordered_models, ordered_tasks
+from culturemert.probing.tag_groups import group_cells, group_columns
 
 DESCRIPTIONS = {
     "table_4_1.md": "Table 4.1: ROC-AUC and AP per model and dataset (also .csv, in fractions)",
+    "table_4_1_groups.md": "Table 4.1 per tag group (tags named group=value), paired intervals (also .csv)",
     "table_4_2.md": "Table 4.2: micro- and macro-F1 per model and dataset (also .csv)",
     "layers.md": "the layer of each table cell, chosen on validation ROC-AUC",
     "fig_4_1_roc_auc.png": "Fig 4.1: ROC-AUC per dataset, bars per model, 95 % bootstrap intervals",
@@ -52,6 +54,9 @@ def write_report(experiment: Experiment, plan: Plan, folder: Path) -> list[Path]
     source = {name for name, task in experiment.tasks.items() if task.source}
     targets = [t for t in tasks if t not in source]
     written = write_tables(cells, baseline, models, tasks, source, folder) if cells else []
+    groups = group_cells(cells, baseline, experiment.report.resamples, experiment.seed)
+    if groups:
+        written += write_group_table(groups, baseline, models, group_columns(groups, tasks), folder)
     sweep = next((m for m in experiment.merges if m.name == experiment.report.sweep), None)
     sweep_models = (
         [] if sweep is None else [name for name in models if name.startswith(f"{sweep.name} lambda_")]

@@ -9,7 +9,8 @@ difference to the baseline with its 95 % bootstrap interval, ``*`` where the int
 `resolved_effects`: the method's effects read off those differences, one line each, with how
 many of their cells the intervals resolve: the gate (the baseline beats the untrained start),
 more training alone (runs on source audio only), adaptation (each run on its own target tasks)
-and forgetting (runs with targets, on the source tasks). Both read ``table_4_1.csv``.
+and forgetting (runs with targets, on the source tasks). Both read ``table_4_1.csv``, or with
+``grouped`` its columns per tag group, ``table_4_1_groups.csv`` (`culturemert.probing.tag_groups`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import csv
 from pathlib import Path
 
 from culturemert.experiment.config import Experiment
+from culturemert.probing.tag_groups import task_of
 
 
 def _points(value: str, sign: bool = False) -> str:
@@ -38,8 +40,9 @@ def _roc_auc_rows(table_csv: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(handle) if row["metric"] == "roc_auc"]
 
 
-def console_table(table_csv: Path, baseline: str, source_tasks: set[str]) -> str:
-    """The summary (module docstring) of the long-form ``table_4_1.csv`` at `table_csv`."""
+def console_table(table_csv: Path, baseline: str, source_tasks: set[str], grouped: bool = False) -> str:
+    """The summary (module docstring) of the long-form ``table_4_1.csv`` at `table_csv`; with
+    `grouped`, of ``table_4_1_groups.csv``, without the averages."""
     rows = _roc_auc_rows(table_csv)
     models = list(dict.fromkeys(row["model"] for row in rows))
     tasks = list(dict.fromkeys(row["task"] for row in rows))
@@ -48,7 +51,7 @@ def console_table(table_csv: Path, baseline: str, source_tasks: set[str]) -> str
         ("source avg.", [task for task in tasks if task in source_tasks]),
         ("target avg.", [task for task in tasks if task not in source_tasks]),
     ]
-    groups = [(title, members) for title, members in groups if members]
+    groups = [(title, members) for title, members in groups if members and not grouped]
     header = ["model", *tasks, *(title for title, _ in groups)]
     lines = [header]
     for model in models:
@@ -60,8 +63,9 @@ def console_table(table_csv: Path, baseline: str, source_tasks: set[str]) -> str
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     title = (
-        f"Test ROC-AUC (%), mean over probe seeds; for each model but {baseline}: the paired difference "
-        f"to {baseline} and its 95 % bootstrap interval over test tracks, * where it excludes 0"
+        f"Test ROC-AUC (%){' per tag group' if grouped else ''}, mean over probe seeds; for each model "
+        f"but {baseline}: the paired difference to {baseline} and its 95 % bootstrap interval over "
+        "test tracks, * where it excludes 0"
     )
     return "\n".join([title, "", *text])
 
@@ -73,17 +77,19 @@ def _effect(title: str, cells: list[tuple[str, dict[str, str]]], sign: int) -> s
         f"{label} {_points(row['difference'], True)}{'*' if row['significant'] == 'True' else ''}"
         for label, row in cells
     )
-    resolved = sum(
-        row["significant"] == "True" and sign * float(row["difference"]) > 0 for _, row in cells
-    )
+    resolved = sum(row["significant"] == "True" and sign * float(row["difference"]) > 0 for _, row in cells)
     return f"- {title}: {listed}: resolved in {resolved} of {len(cells)}"
 
 
-def resolved_effects(table_csv: Path, experiment: Experiment, source_tasks: set[str]) -> str:
-    """The effects (module docstring) of ``experiment`` in ``table_4_1.csv``, against its baseline."""
+def resolved_effects(
+    table_csv: Path, experiment: Experiment, source_tasks: set[str], grouped: bool = False
+) -> str:
+    """The effects (module docstring) of ``experiment`` in ``table_4_1.csv`` (`grouped`: in
+    ``table_4_1_groups.csv``), against its baseline."""
     rows = {(row["model"], row["task"]): row for row in _roc_auc_rows(table_csv)}
     baseline = experiment.report.baseline or experiment.start.name
     tasks = list(dict.fromkeys(task for _, task in rows))
+    source = [task for task in tasks if task_of(task) in source_tasks]
 
     def cells(model: str, among: list[str], named: bool = False) -> list[tuple[str, dict[str, str]]]:
         """The model's cells on the tasks ``among``, labelled by task (``named``: "model on task")."""
@@ -93,7 +99,10 @@ def resolved_effects(table_csv: Path, experiment: Experiment, source_tasks: set[
             if (model, task) in rows
         ]
 
-    lines = [f"What the intervals resolve (differences to {baseline} in points, * where resolved):"]
+    lines = [
+        f"What the intervals resolve{' per tag group' if grouped else ''} "
+        f"(differences to {baseline} in points, * where resolved):"
+    ]
     untrained = experiment.start.name
     if untrained != baseline and any(model == untrained for model, _ in rows):
         gate = f"gate, {baseline} above the start model {untrained}"
@@ -102,13 +111,14 @@ def resolved_effects(table_csv: Path, experiment: Experiment, source_tasks: set[
     for run in experiment.runs:
         if run.name == baseline:
             continue
-        targets = [task for task in run.cultures if task in tasks and task not in source_tasks]
+        targets = [task for task in tasks if task_of(task) in run.cultures and task not in source]
         if not targets:
             control = f"more training alone ({run.name}, on source audio)"
-            lines.append(_effect(control, cells(run.name, tasks), +1))
+            if cells(run.name, tasks):  # a run the table has
+                lines.append(_effect(control, cells(run.name, tasks), +1))
             continue
         adaptation += cells(run.name, targets, named=True)
-        forgetting += cells(run.name, [task for task in tasks if task in source_tasks], named=True)
+        forgetting += cells(run.name, source, named=True)
     if adaptation:
         lines.append(_effect("adaptation, each run on its own target", adaptation, +1))
     if forgetting:

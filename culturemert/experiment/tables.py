@@ -1,6 +1,7 @@
 """The experiment's table files: Tables 4.1 (ROC-AUC, AP) and 4.2 (micro/macro-F1) as markdown
 and CSV, and the layer of each cell (thesis 4.1), drawn by `culturemert.probing.tables` from the
-cells of `culturemert.probing.runs.table_cells`."""
+cells of `culturemert.probing.runs.table_cells`; Table 4.1 per tag group from those of
+`culturemert.probing.tag_groups.group_cells`."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ def write_tables(
     layers = layers_markdown(cells, models, tasks)
     text = f"# Layer of each table cell (best validation ROC-AUC)\n\n{layers}\n"
     return [*written, _write(out_dir / "layers.md", text)]
+
+
+def write_group_table(
+    groups: dict[Key, dict], baseline: str, models: list[str], labels: list[str], out_dir: Path
+) -> list[Path]:
+    """table_4_1_groups.{md,csv} into `out_dir`: Table 4.1 with a column per tag group (`labels`,
+    ``task/group``, in that order) and no averages."""
+    metrics = TABLES[0]
+    table = markdown(groups, metrics, models, labels, set(), averaged=False)
+    text_note = note(groups, baseline, "the whole task's, in layers.md")
+    text = (
+        "# Table 4.1 per tag group: ROC-AUC / AP over each group's tags (`group=value`)\n\n"
+        f"{text_note}\n\n{table}\n"
+    )
+    return [
+        _write(out_dir / "table_4_1_groups.md", text),
+        _write(out_dir / "table_4_1_groups.csv", csv_rows(groups, metrics, models, labels)),
+    ]

@@ -18,6 +18,7 @@ without any such tag (possible only on a tiny test set) is left out of the inter
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,10 @@ class Predictions:
                 )
         except (OSError, KeyError, ValueError) as error:
             raise BootstrapError(f"{path}: not a probe run's predictions.npz ({error})") from None
+
+    def columns(self, tags: Sequence[int]) -> Predictions:
+        """These predictions on the tags at the columns `tags` only."""
+        return Predictions(self.ids, self.y_true[:, tags], self.scores[:, :, tags])
 
     def aligned(self, other: Predictions, what: str) -> Predictions:
         """`other`'s predictions in this run's recording order; the same recordings and labels."""

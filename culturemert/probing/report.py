@@ -8,7 +8,8 @@ base model comes first, then the others as first seen; tasks follow the thesis's
 Western tasks (MTAT, FMA) are averaged apart from the target cultures. Intervals come from the
 runs' saved test predictions (a run without them is shown without, and the note says so).
 
-- ``table.md``: Table 4.1 (ROC-AUC, AP), Table 4.2 (micro-, macro-F1) and the layer of each cell;
+- ``table.md``: Table 4.1 (ROC-AUC, AP), Table 4.2 (micro-, macro-F1), Table 4.1 per tag group
+  where tags are named ``group=value`` (`culturemert.probing.tag_groups`) and the layer of each cell;
 - ``layerwise_roc_auc.png``: test ROC-AUC per layer, a panel per task, a line per model, the
   weighted sum of all layers as a dashed level (Figure 4.7);
 - ``transfer.png``: each model's ROC-AUC minus the base model's, per task (Figure 4.2);
@@ -38,6 +39,7 @@ from culturemert.probing.runs import (
     table_cells,
 )
 from culturemert.probing.tables import layers_markdown, markdown, note, ordered_models, ordered_tasks
+from culturemert.probing.tag_groups import group_cells, group_columns
 from culturemert.probing.tasks import BUILTIN_TASKS
 
 
@@ -52,12 +54,20 @@ def _cells(
     return cells, models, tasks
 
 
-def _text(cells: dict[Key, dict], models: list[str], tasks: list[str], base: str) -> str:
+def _text(
+    cells: dict[Key, dict], models: list[str], tasks: list[str], base: str, resamples: int, seed: int
+) -> str:
     sections = [note(cells, base, "last table")]
     for number, metrics in zip(("4.1", "4.2"), TABLES):
         title = " / ".join(METRIC_TITLES[m] for m in metrics)
         table = markdown(cells, metrics, models, tasks, WESTERN_TASKS)
         sections.append(f"### Table {number}: {title}\n\n{table}")
+    groups = group_cells(cells, base, resamples, seed)
+    if groups:
+        table = markdown(groups, TABLES[0], models, group_columns(groups, tasks), set(), averaged=False)
+        sections.append(
+            f"### Table 4.1 per tag group (tags named `group=value`; the whole task's layer)\n\n{table}"
+        )
     layers = layers_markdown(cells, models, tasks)
     sections.append(f"### Layer of each cell (best validation ROC-AUC)\n\n{layers}")
     return "\n\n".join(sections) + "\n"
@@ -68,7 +78,7 @@ def markdown_tables(
 ) -> str:
     """The text of table.md for `runs` (module docstring); `base` defaults to the first run's model."""
     base = base or runs[0]["model"]
-    return _text(*_cells(runs, base, resamples, seed), base)
+    return _text(*_cells(runs, base, resamples, seed), base, resamples, seed)
 
 
 def write_report(
@@ -88,7 +98,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "table.md"
-    text = _text(cells, models, tasks, base)
+    text = _text(cells, models, tasks, base, resamples, 0)
     write_atomically(table, lambda handle: handle.write(text.encode()))
     sweep = [model for model in models if lambda_of(model) is not None]
     figures = {

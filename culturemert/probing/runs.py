@@ -101,7 +101,7 @@ def lambda_of(model: str) -> float | None:
     return float(match[1]) if match else None
 
 
-def _predictions(run: dict) -> Predictions | None:
+def predictions_of(run: dict) -> Predictions | None:
     """The run's saved test predictions, or None where its folder has none."""
     if "run_dir" not in run:
         return None
@@ -117,7 +117,7 @@ def table_cells(
     than `baseline` on a task the baseline has, the ``difference`` to it, with its paired
     ``difference_interval`` and ``significant`` where both runs saved predictions."""
     best = best_runs(runs)
-    predictions = {key: _predictions(run) for key, run in best.items()}
+    predictions = {key: predictions_of(run) for key, run in best.items()}
     cells = {}
     for (model, task), run in best.items():
         own = predictions[(model, task)]

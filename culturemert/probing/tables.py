@@ -79,15 +79,20 @@ def note(cells: dict[Key, dict], baseline: str, layers_at: str) -> str:
 
 
 def markdown(
-    cells: dict[Key, dict], metrics: tuple[str, str], models: list[str], tasks: list[str], source: set[str]
+    cells: dict[Key, dict],
+    metrics: tuple[str, str],
+    models: list[str],
+    tasks: list[str],
+    source: set[str],
+    averaged: bool = True,
 ) -> str:
-    """One table: a row per model, a column per task and metric, then the source and target
-    averages (mean of the cells present, over tasks and both metrics)."""
+    """One table: a row per model, a column per task and metric, then (if `averaged`) the source
+    and target averages (mean of the cells present, over tasks and both metrics)."""
     groups = [
         ("Source avg.", [t for t in tasks if t in source]),
         ("Target avg.", [t for t in tasks if t not in source]),
     ]
-    groups = [(title, members) for title, members in groups if members]
+    groups = [(title, members) for title, members in groups if members and averaged]
     header = ["model"] + [f"{TASK_TITLES.get(t, t)} {METRIC_TITLES[m]}" for t in tasks for m in metrics]
     header += [title for title, _ in groups]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
