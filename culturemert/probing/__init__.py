@@ -7,6 +7,7 @@ culture similarity (thesis 4.3).
 - `metrics`: per-track aggregation and the scikit-learn tagging metrics;
 - `probe`: the MLP probe, its learning-rate selection on validation and its seeds;
 - `runs`: probe runs for reports: loading, naming by content, the best layer per cell, its uncertainty;
+- `tag_groups`: the cells of tags named ``group=value``, scored group by group;
 - `tables`, `figures`: Tables 4.1/4.2 and the probing figures, for ``probe.py report`` and the experiment;
 - `report`: the report of ``probe.py report``;
 - `token_similarity`: code histograms, Jensen-Shannon divergence and cosine distance;
