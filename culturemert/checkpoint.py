@@ -31,6 +31,7 @@ from culturemert.checkpoint_reading import (
 )
 from culturemert.checkpoint_writing import save_fairseq, save_hf
 from culturemert.errors import listing
+from culturemert.files import writing
 from culturemert.hf_format import HEAD_PREFIXES
 from culturemert.models.mert import MertConfig, MertModel
 
@@ -215,20 +216,30 @@ def load_model(
 def convert(src: str | os.PathLike, dst: str | os.PathLike, trust_checkpoint: bool = False) -> str:
     """fairseq ``.pt`` -> HF folder, or HF folder -> fairseq ``.pt``; returns a summary line.
 
-    The state is validated against the model first, so a bad source writes nothing.
+    The state is validated against the model first, so a bad source writes nothing; a `dst` of the
+    wrong form for the direction (``out/`` for a file, ``x.pt`` for a folder) is refused, and so
+    is a second conversion writing the same `dst` (``files.writing``).
     """
-    src, dst = Path(src), Path(dst)
-    if src.is_dir():
-        cfg, state = read_hf(src)
-        heads = fresh_heads(cfg)
-        build_and_load(str(src), cfg, {**state, **heads})
-        save_fairseq(dst, cfg, {**state, **heads})
-        return (
-            f"wrote {dst}: backbone from {src}; the HF folder has no pre-training heads, so "
-            f"{', '.join(sorted(heads))} are freshly initialised"
+    named, src, dst = str(dst), Path(src), Path(dst)
+    to_file = src.is_dir()
+    if to_file and named.endswith(("/", os.sep)):
+        raise CheckpointError(
+            f"{named}: an HF folder converts to a .pt file; give a file name such as mert.pt"
         )
-    cfg, state = read_fairseq(src, trust_checkpoint)
-    model = build_and_load(str(src), cfg, state)
-    save_hf(dst, cfg, model.state_dict())
+    if not to_file and dst.suffix == ".pt":
+        raise CheckpointError(f"{named}: a .pt converts to an HF folder; give a folder name such as mert_hf/")
+    with writing(dst):
+        if to_file:
+            cfg, state = read_hf(src)
+            heads = fresh_heads(cfg)
+            build_and_load(str(src), cfg, {**state, **heads})
+            save_fairseq(dst, cfg, {**state, **heads})
+            return (
+                f"wrote {dst}: backbone from {src}; the HF folder has no pre-training heads, so "
+                f"{', '.join(sorted(heads))} are freshly initialised"
+            )
+        cfg, state = read_fairseq(src, trust_checkpoint)
+        model = build_and_load(str(src), cfg, state)
+        save_hf(dst, cfg, model.state_dict())
     dropped = sorted(k for k in model.state_dict() if k.startswith(HEAD_PREFIXES))
     return f"wrote {dst}: backbone of {src}; pre-training heads not exported: {', '.join(dropped)}"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from culturemert.cli import command
-from culturemert.files import replace_folder
+from culturemert.files import replace_folder, writing
 from culturemert.merging import (
     MERGE_FILES,
     METHODS,
@@ -115,33 +115,38 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("", args.lambdas or [args.shared] * len(args.models))]
     for _, lambdas in runs:  # checked before anything is read
         check_lambdas(lambdas, len(args.models))
-    base = open_source(args.base, args.trust_checkpoint)
-    models = [open_source(path, args.trust_checkpoint) for path in args.models]
-    plan = plan_merge(base, models, args.backbone_only)
-    say(f"{method.name}: {len(plan.merged)} tensors of {len(models)} models onto {base.path}")
-    for note in plan.notes:
-        say(f"note: {note}")
+    with writing(args.out):  # a second merge into OUT is refused before anything is read
+        base = open_source(args.base, args.trust_checkpoint)
+        models = [open_source(path, args.trust_checkpoint) for path in args.models]
+        plan = plan_merge(base, models, args.backbone_only)
+        say(f"{method.name}: {len(plan.merged)} tensors of {len(models)} models onto {base.path}")
+        for note in plan.notes:
+            say(f"note: {note}")
 
-    def build(partial: Path) -> None:
-        trim = method.sparsification.trim_density
-        say("reading the task vectors: values, norms" + (", TIES trim thresholds" if trim else ""))
-        stats = analyse(plan, trim)
-        norms = ", ".join(f"{label} {norm:.4g}" for label, norm in zip(stats.labels, stats.norms.tolist()))
-        say(f"task-vector norms: {norms}")
-        if warning := stats.norm_warning():
-            print(f"merge: warning: {warning}", file=sys.stderr)
-        if args.similarity:
-            csv_path, png_path = write_similarity(stats, partial)
-            say(f"wrote {args.out / csv_path.name} and {args.out / png_path.name}")
-        for name, lambdas in runs:
-            state = merge(plan, lambdas, method, thresholds=stats.thresholds)
-            write_merge_files(partial / name, base.cfg, state, merge_record(plan, lambdas, method, args.seed))
-            del state  # freed before the next lambda's state is allocated
-            folder = args.out / name
-            say(f"lambdas {','.join(map(str, lambdas))}: wrote {folder}/checkpoint.pt and {folder}/hf/")
+        def build(partial: Path) -> None:
+            trim = method.sparsification.trim_density
+            say("reading the task vectors: values, norms" + (", TIES trim thresholds" if trim else ""))
+            stats = analyse(plan, trim)
+            norms = ", ".join(
+                f"{label} {norm:.4g}" for label, norm in zip(stats.labels, stats.norms.tolist())
+            )
+            say(f"task-vector norms: {norms}")
+            if warning := stats.norm_warning():
+                print(f"merge: warning: {warning}", file=sys.stderr)
+            if args.similarity:
+                csv_path, png_path = write_similarity(stats, partial)
+                say(f"wrote {args.out / csv_path.name} and {args.out / png_path.name}")
+            for name, lambdas in runs:
+                state = merge(plan, lambdas, method, thresholds=stats.thresholds)
+                write_merge_files(
+                    partial / name, base.cfg, state, merge_record(plan, lambdas, method, args.seed)
+                )
+                del state  # freed before the next lambda's state is allocated
+                folder = args.out / name
+                say(f"lambdas {','.join(map(str, lambdas))}: wrote {folder}/checkpoint.pt and {folder}/hf/")
 
-    replace_folder(args.out, build, MERGE_FILES)
-    say(f"{args.out} is complete")
+        replace_folder(args.out, build, MERGE_FILES)
+        say(f"{args.out} is complete")
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from culturemert.checkpoint import save_fairseq, save_hf
-from culturemert.files import replace_folder, write_atomically
+from culturemert.files import replace_folder, write_atomically, writing
 from culturemert.models.config import MertConfig
 
 # What a merge output folder may hold: one merge, the similarity files, a sweep's merges.
@@ -34,5 +34,7 @@ def write_merged(
     folder: str | os.PathLike, cfg: MertConfig, state: dict[str, torch.Tensor], record: dict
 ) -> None:
     """The files of ``write_merge_files``, built beside ``folder`` and swapped in whole: a kill or a
-    full disk leaves the previous merge or the new one, never a mix (``files.replace_folder``)."""
-    replace_folder(folder, lambda partial: write_merge_files(partial, cfg, state, record), MERGE_FILES)
+    full disk leaves the previous merge or the new one, never a mix (``files.replace_folder``);
+    another writer of ``folder`` is refused (``files.writing``)."""
+    with writing(folder):
+        replace_folder(folder, lambda partial: write_merge_files(partial, cfg, state, record), MERGE_FILES)

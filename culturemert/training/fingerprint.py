@@ -12,12 +12,10 @@ and the training processes it starts, so a crashed run never leaves it held.
 from __future__ import annotations
 
 import datetime
-import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import culturemert
 from culturemert.errors import UserError, listing
-from culturemert.files import write_json_atomically
+from culturemert.files import held, write_json_atomically
 from culturemert.fingerprint import file_sha256
 
 FINGERPRINT = "fingerprint.json"
@@ -126,22 +124,8 @@ def move_aside(run: Path) -> Path | None:
 
 @contextmanager
 def run_lock(run: Path) -> Iterator[int]:
-    """Hold ``<run>/lock`` (``flock``); yields its descriptor, for the training processes to
+    """Hold ``<run>/lock`` (`files.held`); yields its descriptor, for the training processes to
     inherit, so that the lock lasts while any of them runs. Refused at once if it is held."""
     run.mkdir(parents=True, exist_ok=True)
-    path = run / LOCK
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = path.read_text().strip() or "another process"
-            raise RunFolderError(
-                f"{run} is in use by {owner}; wait for it to finish, or use another NAME"
-            ) from None
-        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+    with held(run / LOCK, str(run), "wait for it to finish, or use another NAME") as descriptor:
         yield descriptor
-    finally:
-        os.close(descriptor)
