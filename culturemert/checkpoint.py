@@ -11,6 +11,7 @@ are importable from here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from culturemert.checkpoint_writing import save_fairseq, save_hf
 from culturemert.errors import listing
 from culturemert.files import writing
 from culturemert.hf_format import HEAD_PREFIXES
+from culturemert.models.config import ModelConfigError
 from culturemert.models.mert import MertConfig, MertModel
 
 __all__ = [
@@ -69,34 +71,16 @@ def _layer_count(specs: Specs, prefix: str) -> int:
     return len({name[len(prefix) :].split(".")[0] for name in specs if name.startswith(prefix)})
 
 
-_SIZE_FIELDS = (
-    "encoder_layers",
-    "encoder_embed_dim",
-    "encoder_ffn_embed_dim",
-    "encoder_attention_heads",
-    "conv_pos",
-    "conv_pos_groups",
-)
-
-
 def check_state(source: str | os.PathLike, cfg: MertConfig, specs: Specs, heads: bool = True) -> None:
     """Refuse stored tensors ``specs`` that do not fit a MERT model of ``cfg``, before anything is
     allocated: the numbers of conv and transformer layers first (a stored config asking for 10^8
     layers is refused at once), then every name and shape against the model built on the meta
     device. ``heads``: the pre-training heads must be stored too (HF weights have none)."""
     specs = {name: spec for name, spec in specs.items() if not name.startswith(DERIVED_PREFIXES)}
-    sizes = {name: getattr(cfg, name) for name in _SIZE_FIELDS}
-    if bad := [
-        f"{k}={v!r}" for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1
-    ]:
-        raise CheckpointError(
-            f"{source}: its configuration has {listing(bad)}; sizes must be positive integers"
-        )
-    if cfg.encoder_embed_dim % cfg.encoder_attention_heads:
-        raise CheckpointError(
-            f"{source}: its configuration splits encoder_embed_dim={cfg.encoder_embed_dim} into "
-            f"encoder_attention_heads={cfg.encoder_attention_heads}, which does not divide it"
-        )
+    try:
+        cfg.check(str(source))
+    except ModelConfigError as error:
+        raise CheckpointError(str(error)) from None
     try:
         counts = [
             ("conv layers", len(cfg.conv_layers), _layer_count(specs, "feature_extractor.conv_layers.")),
@@ -174,19 +158,25 @@ def read_fairseq(path: str | os.PathLike, trust: bool = False, mmap: bool = Fals
     return cfg, state
 
 
-def read_hf(folder: str | os.PathLike) -> tuple[MertConfig, dict]:
+def read_hf(folder: str | os.PathLike, trust: bool = False) -> tuple[MertConfig, dict]:
     """Model config and fairseq-named backbone state of an HF folder (heads absent), checked
-    against the model and for non-finite weights."""
-    cfg, stored = open_hf(folder)
+    against the model and for non-finite weights (``trust``: unpickle a ``pytorch_model.bin``
+    without the allow-list)."""
+    cfg, stored = open_hf(folder, trust)
     check_state(folder, cfg, stored.specs, heads=False)
     state = stored.read(stored.specs)
     refuse_non_finite([f"{folder}: {name}" for name in non_finite(state)])
     return cfg, state
 
 
-def fresh_heads(cfg: MertConfig) -> dict[str, torch.Tensor]:
-    """Newly initialised pre-training heads, for backbones that come without them (HF)."""
-    return {k: v for k, v in MertModel(cfg).state_dict().items() if k.startswith(HEAD_PREFIXES)}
+def fresh_heads(cfg: MertConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Newly initialised pre-training heads, for backbones that come without them (HF), drawn
+    from ``seed`` (the global random state is left as it was). Their shapes do not depend on the
+    transformer's depth, so they are taken from a model without layers, a tenth of the size."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MertModel(dataclasses.replace(cfg, encoder_layers=0))
+    return {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIXES)}
 
 
 def load_model(
@@ -199,7 +189,7 @@ def load_model(
     """
     path = Path(path)
     if path.is_dir():
-        cfg, state = read_hf(path)
+        cfg, state = read_hf(path, trust_checkpoint)
         heads = fresh_heads(cfg)
         logger.info("%s has no pre-training heads; initialised %s", path, ", ".join(heads))
         state.update(heads)
@@ -230,7 +220,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, trust_checkpoint: bo
         raise CheckpointError(f"{named}: a .pt converts to an HF folder; give a folder name such as mert_hf/")
     with writing(dst):
         if to_file:
-            cfg, state = read_hf(src)
+            cfg, state = read_hf(src, trust_checkpoint)
             heads = fresh_heads(cfg)
             build_and_load(str(src), cfg, {**state, **heads})
             save_fairseq(dst, cfg, {**state, **heads})

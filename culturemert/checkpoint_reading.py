@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import json
 import os
 import pickle
+import re
 import typing
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 
 from culturemert.errors import UserError, listing
 from culturemert.hf_format import SAFETENSORS_DTYPES, hf_key_to_fairseq, mert_config_from_hf
-from culturemert.models.config import MertConfig
+from culturemert.models.config import MertConfig, ModelConfigError
 
 # Types a fairseq checkpoint may pickle besides tensors and plain containers: the task's
 # dictionaries, training meters, argparse configs of old releases, numpy scalars in meters, and
@@ -82,34 +85,33 @@ Specs = dict[str, tuple[torch.Size, torch.dtype]]
 def read_checkpoint(path: str | os.PathLike, trust: bool = False, mmap: bool = False) -> dict:
     """Unpickle a ``.pt`` file. Unless ``trust``, only tensors, plain containers and
     ``SAFE_GLOBALS`` are allowed; anything else is refused before any of it runs. With ``mmap``
-    the tensors stay in the file until touched (files in torch's zip format; older ones load)."""
+    the tensors stay in the file until touched (files in torch's zip format; older ones load).
+    A file torch.save did not write (text, JSON, a plain pickle) is refused, saying what it is."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     is_zip = zipfile.is_zipfile(path)
+    if not is_zip and (what := _not_torch_save(path)):
+        raise CheckpointError(f"{path}: {what}")
     try:
-        if trust:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and is_zip)
-        else:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the reason below says it
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+            if trust:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and is_zip)
+            else:
+                with torch.serialization.safe_globals(SAFE_GLOBALS):
+                    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as error:
-        if not is_zip:
+        if names := _refused_globals(path, is_zip, error):
             raise CheckpointError(
-                f"{path}: not a checkpoint the safe loader can read (a legacy non-zip .pt or a plain "
-                f"pickle: {_reason(error)}); re-save it with torch.save, or pass --trust-checkpoint "
-                "if you trust where it comes from"
+                f"{path}: refused to unpickle {', '.join(names)}, which a fairseq checkpoint does not "
+                "need and which could run arbitrary code. If you trust where this file comes from, "
+                "pass trust_checkpoint=True (scripts: --trust-checkpoint)."
             ) from None
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # a damaged archive: the loader's own reason is named below
-            unsafe = []
-        allowed = {f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS}
-        names = ", ".join(sorted(set(unsafe) - allowed)) or _reason(error)
         raise CheckpointError(
-            f"{path}: refused to unpickle {names}, which a fairseq checkpoint does not need "
-            "and which could run arbitrary code. If you trust where this file comes from, "
-            "pass trust_checkpoint=True (scripts: --trust-checkpoint)."
+            f"{path}: a {'' if is_zip else 'legacy non-zip '}PyTorch checkpoint the safe loader cannot "
+            f"read ({_reason(error)}); re-save it with torch.save, or pass --trust-checkpoint if you "
+            "trust where it comes from"
         ) from None
     except Exception as error:  # torch reports damaged files as several exception types
         raise CheckpointError(
@@ -120,10 +122,79 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False, mmap: bool = F
     return checkpoint
 
 
+SNIFFED_BYTES = 1 << 20  # what `_not_torch_save` reads of a file that is not a zip archive
+NOT_TORCH_SAVE = (
+    "not a PyTorch checkpoint (torch.save writes a zip archive); re-save the weights with torch.save"
+)
+
+
+class _NoGlobals(pickle.Unpickler):
+    """Unpickles plain data only: the first class or function a pickle names stops it, unused."""
+
+    def find_class(self, module: str, name: str) -> typing.NoReturn:
+        raise _NamedGlobal(f"{module}.{name}")
+
+
+class _NamedGlobal(Exception):
+    """The class or function a pickle refers to (``module.name``), met by `_NoGlobals`."""
+
+
+def _not_torch_save(path: Path) -> str | None:
+    """Why a file that is not a zip archive is not a legacy ``torch.save`` file either (which
+    begins with torch's magic number, pickled); None if it is one. Reads the file's start and
+    unpickles at most its first pickle, plain data only: nothing in the file runs."""
+    with path.open("rb") as file:
+        head = file.read(SNIFFED_BYTES)
+    if not head:
+        return "an empty file, not a PyTorch checkpoint"
+    if head.startswith(b"PK\x03\x04"):
+        return "not a readable PyTorch checkpoint, truncated or damaged (a zip archive without its end)"
+    try:
+        first = _NoGlobals(io.BytesIO(head)).load()
+    except _NamedGlobal as named:
+        return f"a plain pickle of {named}, {NOT_TORCH_SAVE}"
+    except Exception:  # not a pickle, or one longer than the part read
+        if head.startswith(b"\x80"):
+            return f"a pickle, {NOT_TORCH_SAVE}"
+        return f"not a PyTorch checkpoint ({_describe_start(head)})"
+    if type(first) is int and first == torch.serialization.MAGIC_NUMBER:
+        return None
+    return f"a plain pickle of a {type(first).__name__}, {NOT_TORCH_SAVE}"
+
+
+def _describe_start(head: bytes) -> str:
+    """What the start of a file that is neither a zip archive nor a pickle looks like."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:  # text cut inside a character at the end still counts
+        text = head[: error.start].decode("utf-8") if error.start > len(head) - 4 else ""
+    if not text or any(not c.isprintable() and c not in "\t\n\r\f" for c in text):
+        return f"neither a zip archive nor a pickle; it starts with bytes {head[:8].hex(' ')}"
+    if text.lstrip()[:1] in ("{", "["):
+        return "it starts with JSON text"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"it starts with text: {first[:40] + ('...' if len(first) > 40 else '')!r}"
+
+
+def _refused_globals(path: Path, is_zip: bool, error: BaseException) -> list[str]:
+    """The classes and functions outside ``SAFE_GLOBALS`` that a checkpoint refers to: torch's
+    listing for a zip archive, else the one its refusal names."""
+    unsafe = re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if is_zip:
+        try:
+            unsafe += torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # a damaged archive: the loader's own reason is named instead
+            pass
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS}
+    return sorted(set(unsafe) - allowed)
+
+
 def _reason(error: BaseException) -> str:
-    """The informative line of a library's error message."""
+    """The informative line of a library's error message, without torch's prefix."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return next((line for line in lines if "Unsupported global" in line or "error:" in line), lines[0])
+    line = next((line for line in lines if "Unsupported" in line), lines[0])
+    line = line.removeprefix("WeightsUnpickler error:").strip()
+    return line if len(line) <= 200 else line[:200] + "..."
 
 
 @dataclass
@@ -159,7 +230,11 @@ def fairseq_parts(path: Path, checkpoint: dict) -> tuple[MertConfig, dict, Specs
             cfg = {"model": vars(checkpoint["args"])}
         if "model" not in cfg:
             raise CheckpointError(f"{path}: no model configuration ('cfg' or 'args') inside")
-        return MertConfig.from_dict(dict(cfg["model"])), checkpoint["model"], specs
+        return MertConfig.from_dict(dict(cfg["model"]), str(path)), checkpoint["model"], specs
+    except CheckpointError:
+        raise
+    except ModelConfigError as error:
+        raise CheckpointError(str(error)) from None
     except (TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"{path}: unreadable model configuration ({error})") from None
 
@@ -176,14 +251,22 @@ def open_fairseq(path: str | os.PathLike, trust: bool = False) -> tuple[MertConf
     return cfg, StoredTensors(path, specs, load)
 
 
-def open_hf(folder: str | os.PathLike) -> tuple[MertConfig, StoredTensors]:
+def open_hf(folder: str | os.PathLike, trust: bool = False) -> tuple[MertConfig, StoredTensors]:
     """Config and stored backbone tensors (fairseq names) of an HF folder: ``config.json`` and
-    ``model.safetensors`` or, in older uploads, ``pytorch_model.bin``; no tensor data read."""
+    ``model.safetensors`` or, in older uploads, ``pytorch_model.bin`` (``trust``: unpickled
+    without the allow-list); no tensor data read. Sharded weights are refused, saying how to
+    save them in one file."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: missing config.json; expected an HF model folder")
     weights = next((folder / name for name in HF_WEIGHT_FILES if (folder / name).is_file()), None)
+    indexes = [f"{name}.index.json" for name in HF_WEIGHT_FILES if (folder / f"{name}.index.json").is_file()]
+    if weights is None and indexes:
+        raise CheckpointError(
+            f"{folder}: its weights are sharded ({indexes[0]}), which is not supported; save the model "
+            'in one file with transformers: model.save_pretrained(folder, max_shard_size="10GB")'
+        )
     if weights is None:
         raise CheckpointError(f"{folder}: missing model.safetensors (or pytorch_model.bin); no weights")
     try:
@@ -197,7 +280,7 @@ def open_hf(folder: str | os.PathLike) -> tuple[MertConfig, StoredTensors]:
     if weights.suffix == ".safetensors":
         file_specs = _safetensors_specs(weights)
     else:
-        file_specs = _tensor_specs(weights, read_checkpoint(weights, mmap=True))
+        file_specs = _tensor_specs(weights, read_checkpoint(weights, trust, mmap=True))
     names = {key: hf_key_to_fairseq(key) for key in file_specs}
     if unknown := [key for key, name in names.items() if name is None]:
         raise CheckpointError(f"{weights}: keys that are not part of a MERT backbone: {listing(unknown)}")
@@ -205,7 +288,7 @@ def open_hf(folder: str | os.PathLike) -> tuple[MertConfig, StoredTensors]:
 
     def load(wanted: list[str]) -> dict[str, torch.Tensor]:
         if weights.suffix != ".safetensors":
-            tensors = read_checkpoint(weights, mmap=True)
+            tensors = read_checkpoint(weights, trust, mmap=True)
             return {name: tensors[keys[name]] for name in wanted}
         try:
             with safe_open(weights, framework="pt") as tensors:

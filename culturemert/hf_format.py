@@ -151,12 +151,19 @@ def _positive_int(source: str, key: str, value: object) -> int:
     return value
 
 
+def _boolean(source: str, key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{source}: {key}={value!r} is not a boolean (true or false)")
+    return value
+
+
 def mert_config_from_hf(config: dict, source: str) -> MertConfig:
     """MertConfig of an HF folder's ``config.json`` (ours, stock Hubert, or m-a-p's MERT).
 
     Every field the backbone's maths depends on is honoured (sizes, the conv stack and its bias,
     ``do_stable_layer_norm``, ``layer_norm_eps``) or, where MERT cannot follow it, refused
-    (``_REQUIRED_HF``, ``attention_relax``); a ``ValueError`` names the field.
+    (``_REQUIRED_HF``, ``attention_relax``); a ``ValueError`` names the field, and the result
+    passes `MertConfig.check` (attention heads that divide the width, say).
     """
     if not isinstance(config, dict):
         raise ValueError(f"{source}: config.json is not a JSON object")
@@ -184,14 +191,15 @@ def mert_config_from_hf(config: dict, source: str) -> MertConfig:
     eps = config.get("layer_norm_eps", 1e-5)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
         raise ValueError(f"{source}: layer_norm_eps={eps!r} is not a positive number")
-    cfg = MertConfig.from_dict(config.get("culturemert", {}))
+    cfg = MertConfig.from_dict(config.get("culturemert", {}), f"{source}, culturemert")
     if cfg.conv_layers != layers:
         cfg.conv_feature_layers = repr(layers)
-    cfg.conv_bias = bool(config.get("conv_bias", False))
+    cfg.conv_bias = _boolean(source, "conv_bias", config.get("conv_bias", False))
     for key, name, default in _SIZES:
         setattr(cfg, name, _positive_int(source, key, config.get(key, default)))
-    cfg.layer_norm_first = bool(config.get("do_stable_layer_norm", False))
+    cfg.layer_norm_first = _boolean(source, "do_stable_layer_norm", config.get("do_stable_layer_norm", False))
     cfg.layer_norm_eps = float(eps)
+    cfg.check(source)
     return cfg
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -48,11 +47,7 @@ def merge(
         raise ValueError(f"{method.name} needs the trim thresholds of analyse(plan, density)")
     heads = {}
     if plan.fresh_heads:
-        # fresh_heads builds a model to take its heads; their shapes do not depend on the
-        # transformer's depth, and a model without layers is a tenth of the size.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            heads = fresh_heads(dataclasses.replace(plan.base.cfg, encoder_layers=0))
+        heads = fresh_heads(plan.base.cfg, seed)
     state, overflowed = _empty_state(plan.base.specs), []
 
     def combine(name: str, theta_pre: torch.Tensor, thetas: list[torch.Tensor] | None) -> None:

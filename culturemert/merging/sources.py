@@ -39,7 +39,7 @@ def open_source(path: str | os.PathLike, trust: bool = False) -> Source:
     its configuration and tensor names, shapes and dtypes but no tensor data."""
     path = Path(path)
     if path.is_dir():
-        return Source(path, *open_hf(path), is_hf=True)
+        return Source(path, *open_hf(path, trust), is_hf=True)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file or HF folder")
     return Source(path, *open_fairseq(path, trust), is_hf=False)

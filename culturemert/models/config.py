@@ -1,12 +1,24 @@
-"""The MERT model's configuration (thesis 3.2): `MertConfig`, whose defaults are MERT-v1-95M, and
-the arithmetic of its conv stack (fairseq's notation, parsed without ``eval``; output lengths)."""
+"""The MERT model's configuration (thesis 3.2): `MertConfig`, whose defaults are MERT-v1-95M and
+whose values read from a file are checked (`MertConfig.from_dict`, `ModelConfigError`), and the
+arithmetic of its conv stack (fairseq's notation, parsed without ``eval``; output lengths)."""
 
 import ast
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from fairseq.dataclass import FairseqDataclass
+
+from culturemert.errors import UserError
+
+
+class ModelConfigError(UserError):
+    """A model configuration (a YAML, or one stored in a checkpoint) that cannot make a MERT model."""
+
+
+DEFAULT_CONV = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"  # MERT-v1-95M's conv stack
 
 
 @dataclass
@@ -14,7 +26,7 @@ class MertConfig(FairseqDataclass):
     """Hyper-parameters of the MERT model; defaults are MERT-v1-95M (thesis 3.2)."""
 
     conv_feature_layers: str = field(
-        default="[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+        default=DEFAULT_CONV,
         metadata={"help": "conv stack as a python list of (channels, kernel, stride)"},
     )
     conv_bias: bool = field(default=False, metadata={"help": "bias in the conv layers"})
@@ -64,11 +76,69 @@ class MertConfig(FairseqDataclass):
         return parse_conv_layers(self.conv_feature_layers)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "MertConfig":
-        """Config from a checkpoint's saved fields; fields MertConfig does not have are ignored
-        (the release stores task and loss settings beside the model's)."""
+    def from_dict(cls, values: object, source: str = "model configuration") -> "MertConfig":
+        """Config from saved fields (a checkpoint's, a model YAML's), checked with `check`; fields
+        MertConfig does not have are ignored (the release stores task and loss settings beside
+        the model's). A value that cannot make a model is a `ModelConfigError` naming ``source``."""
+        if not isinstance(values, Mapping):
+            raise ModelConfigError(
+                f"{source}: holds a {type(values).__name__}, not a mapping of model fields"
+            )
         names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        cfg = cls(**{k: v for k, v in values.items() if k in names})
+        cfg.check(source)
+        return cfg
+
+    # Fields whose values are probabilities, and the non-size integers that may be 0.
+    PROBABILITIES = (
+        "dropout",
+        "attention_dropout",
+        "activation_dropout",
+        "dropout_input",
+        "encoder_layerdrop",
+        "mask_prob",
+    )
+    MAY_BE_ZERO = ("num_special_symbols",)
+
+    def check(self, source: str = "model configuration") -> None:
+        """Refuse values that cannot make a working MERT model, in one `ModelConfigError` line
+        naming ``source`` and every bad field: booleans that are not booleans, integers that are
+        not positive, numbers that are not finite (probabilities outside [0, 1], a non-positive
+        ``layer_norm_eps`` or ``logit_temp``), attention heads or positional-conv groups that do
+        not divide ``encoder_embed_dim``, and a ``conv_feature_layers`` `parse_conv_layers`
+        refuses. Sizes are not bounded: a checkpoint reader compares them with its tensors."""
+        problems: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            name, value = f.name, getattr(self, f.name)
+            if name.startswith("_"):
+                continue
+            if f.type is bool and not isinstance(value, bool):
+                problems[name] = "is not a boolean (true or false)"
+            elif f.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+                problems[name] = "is not an integer"
+            elif f.type is int and value < (0 if name in self.MAY_BE_ZERO else 1):
+                problems[name] = (
+                    f"is not a {'non-negative' if name in self.MAY_BE_ZERO else 'positive'} integer"
+                )
+            elif f.type is float and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
+                problems[name] = "is not a finite number"
+            elif name in self.PROBABILITIES and not 0 <= value <= 1:
+                problems[name] = "is not a probability in [0, 1]"
+            elif name in ("layer_norm_eps", "logit_temp") and value <= 0:
+                problems[name] = "is not positive"
+        lines = [f"{name}={getattr(self, name)!r} {problem}" for name, problem in problems.items()]
+        for name in ("encoder_attention_heads", "conv_pos_groups"):
+            parts, width = getattr(self, name), self.encoder_embed_dim
+            if not {name, "encoder_embed_dim"} & set(problems) and width % parts:
+                lines.append(f"{name}={parts} does not divide encoder_embed_dim={width}")
+        try:
+            parse_conv_layers(self.conv_feature_layers)
+        except ValueError as error:
+            lines.append(str(error))
+        if lines:
+            raise ModelConfigError(f"{source}: " + "; ".join(lines))
 
     BACKBONE_ARCHITECTURE = (
         "conv_feature_layers",
@@ -103,26 +173,47 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
     """Evaluate fairseq's conv-stack notation, e.g. ``"[(512,10,5)] + [(512,3,2)] * 4"``,
     allowing only int tuples, lists, ``+`` and ``*`` (no ``eval`` of config strings)."""
 
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"conv_feature_layers is a {type(spec).__name__}, not a string such as {DEFAULT_CONV!r}"
+        )
+    shown = repr(spec if len(spec) <= 100 else spec[:100] + "...")
+
     def evaluate(node: ast.AST):
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             left, right = evaluate(node.left), evaluate(node.right)
             if isinstance(node.op, ast.Mult) and isinstance(left, int) != isinstance(right, int):
                 sequence, count = (left, right) if isinstance(right, int) else (right, left)
                 if len(sequence) * count > MAX_CONV_LAYERS:  # refused before it is built
-                    raise ValueError(f"conv_feature_layers: more than {MAX_CONV_LAYERS} layers: {spec!r}")
+                    raise ValueError(f"conv_feature_layers: more than {MAX_CONV_LAYERS} layers: {shown}")
             return left + right if isinstance(node.op, ast.Add) else left * right
         if isinstance(node, (ast.List, ast.Tuple)):
             items = [evaluate(element) for element in node.elts]
             return items if isinstance(node, ast.List) else tuple(items)
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
-        raise ValueError(f"conv_feature_layers: unsupported expression {ast.dump(node)}")
+        raise ValueError(
+            f"conv_feature_layers={shown}: {ast.unparse(node)!r} is not allowed "
+            "(only int tuples, lists, + and *)"
+        )
 
-    layers = evaluate(ast.parse(spec, mode="eval").body)
-    if not isinstance(layers, list) or not all(
-        isinstance(layer, tuple) and len(layer) == 3 for layer in layers
+    try:
+        layers = evaluate(ast.parse(spec, mode="eval").body)
+    except (SyntaxError, TypeError, RecursionError, MemoryError) as error:
+        reason = error.msg if isinstance(error, SyntaxError) else str(error) or type(error).__name__
+        raise ValueError(f"conv_feature_layers={shown} is not valid notation ({reason})") from None
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(layer, tuple) and len(layer) == 3 for layer in layers)
+        or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for layer in layers for n in layer
+        )
     ):
-        raise ValueError(f"conv_feature_layers must be a list of (dim, kernel, stride): {spec!r}")
+        raise ValueError(
+            f"conv_feature_layers must be a non-empty list of (dim, kernel, stride) positive "
+            f"integers: {shown}"
+        )
     return layers
 
 

@@ -30,6 +30,7 @@ from culturemert.checkpoint import (
 )
 from culturemert.fingerprint import file_sha256
 from culturemert.hf_format import HEAD_PREFIXES
+from culturemert.models.config import ModelConfigError
 from culturemert.models.mert import MertConfig, MertModel
 from culturemert.training.fingerprint import sha256_files
 
@@ -73,13 +74,38 @@ def identify(init: Path) -> dict:
     return {"path": str(init), "sha256": file_sha256(init)}
 
 
+def read_model_yaml(config: Path) -> MertConfig:
+    """The MertConfig of a model YAML (configs/model/*.yaml), checked as a checkpoint's stored
+    configuration is (`MertConfig.from_dict`); a `ModelConfigError` names the file and the key."""
+    try:
+        values = yaml.safe_load(config.read_text())
+    except FileNotFoundError:
+        raise ModelConfigError(f"{config}: no such model YAML") from None
+    except IsADirectoryError:
+        raise ModelConfigError(f"{config}: a folder, not a model YAML (configs/model/*.yaml)") from None
+    except OSError as error:
+        raise ModelConfigError(f"{config}: cannot be read ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ModelConfigError(f"{config}: not a text file, so not a model YAML") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ModelConfigError(f"{config}: not valid YAML ({problem}{where})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ModelConfigError(f"{config}: holds a {type(values).__name__}, not a mapping of model fields")
+    names = {f.name for f in dataclasses.fields(MertConfig)}
+    if unknown := sorted(str(key) for key in values if key not in names):
+        raise ModelConfigError(f"{config}: unknown model fields {', '.join(unknown)}")
+    return MertConfig.from_dict(values, str(config))
+
+
 def random_start(config: Path, seed: int) -> Start:
-    """A randomly initialised MERT of a model YAML (configs/model/*.yaml)."""
-    values = yaml.safe_load(config.read_text()) or {}
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(MertConfig)})
-    if unknown:
-        raise CheckpointError(f"{config}: unknown model fields {', '.join(unknown)}")
-    cfg = MertConfig(**values)
+    """A randomly initialised MERT of a model YAML (configs/model/*.yaml), read with
+    `read_model_yaml`: a file that cannot make a model is refused before anything is built."""
+    cfg = read_model_yaml(config)
     torch.manual_seed(seed)
     return Start(cfg, MertModel(cfg).state_dict(), [])
 
@@ -89,8 +115,7 @@ def load_start(init: Path, seed: int = 0) -> Start:
     logged), and every key and shape checked against the model it describes."""
     if init.is_dir():
         cfg, state = read_hf(init)
-        torch.manual_seed(seed)
-        heads = fresh_heads(cfg)
+        heads = fresh_heads(cfg, seed)
         logger.info(
             "%s is an HF folder without pre-training heads: initialised %s; stage 1 trains them",
             init,
