@@ -29,7 +29,8 @@ from culturemert.models.mert import MertConfig, MertModel
 from culturemert.music_corpus import render_collection
 from culturemert.probing import features as features_module
 from culturemert.probing.chunking import chunk_bounds, normalize, recording_chunks
-from culturemert.probing.features import FeatureCache, FeatureCacheError, extract_features
+from culturemert.probing.feature_cache import FeatureCache, FeatureCacheError
+from culturemert.probing.features import extract_features
 from culturemert.probing.metrics import evaluable_tags, macro_roc_auc, tagging_metrics
 from culturemert.probing.probe import ProbeConfig, fit_probe
 from culturemert.probing.report import lambda_of, markdown_tables, write_report

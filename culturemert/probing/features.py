@@ -9,17 +9,7 @@ mean-pooled over the chunk's frames. Chunks of equal length are batched together
 recordings, and nothing is padded: the first conv layer's GroupNorm normalises over time, so
 padding would change the features of the shorter chunks.
 
-A cache folder holds
-
-- ``features.npy``: float16 [chunks, layers, dim], memory-mapped by the probe;
-- ``chunk_recording.npy``: int64 [chunks], the task row each chunk comes from (rows in order);
-- ``labels.npy``: uint8 [recordings, tags];
-- ``audio.json``: the size, mtime and sha256 of every audio file (`culturemert.fingerprint`);
-- ``meta.json``: the task (name, checksum, ids, splits, tags), the model (name, path, sha256),
-  the sha256 of the audio's contents, the chunking and normalisation settings, the precision,
-  the shapes and the ids skipped for missing or unusable audio. It is written last, so its
-  presence means the cache is complete. The model is identified by its sha256, so a moved
-  checkpoint still matches its cache and reports tell two models of one folder name apart.
+The cache folder's files, and how a complete one is opened and checked: `feature_cache`.
 
 Never non-finite: a model with NaN or infinite weights is refused before any work, and a pooled
 feature that is not finite or beyond float16's range (65504) stops the extraction with the
@@ -36,9 +26,8 @@ the same way whatever happened before it, so the result equals that of an uninte
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +37,13 @@ from tqdm import tqdm
 
 from culturemert.audio import SAMPLE_RATE, AudioError, load_audio
 from culturemert.checkpoint import load_model
-from culturemert.errors import UserError, listing
+from culturemert.errors import listing
 from culturemert.files import write_atomically, write_json_atomically
-from culturemert.fingerprint import audio_sha256, model_sha256, save_record
+from culturemert.fingerprint import AUDIO_RECORD, audio_sha256, model_sha256, save_record
 from culturemert.models.mert import MertModel, conv_output_lengths
 from culturemert.parts import Parts
 from culturemert.probing.chunking import MIN_LAST_SECONDS, WINDOW_SECONDS, recording_chunks
+from culturemert.probing.feature_cache import FeatureCacheError, check_complete
 from culturemert.probing.precision import check_precision, computation
 from culturemert.probing.tasks import Task
 
@@ -64,57 +54,6 @@ FEATURE_DTYPE = "<f2"
 FEATURE_MAX = float(np.finfo(np.float16).max)
 
 PathLike = str | os.PathLike
-
-
-class FeatureCacheError(UserError):
-    """A feature cache that cannot be built or used; the message names the folder and the fix."""
-
-
-@dataclass(frozen=True)
-class FeatureCache:
-    """A complete cache folder, its arrays memory-mapped (see the module docstring)."""
-
-    path: Path
-    features: np.ndarray
-    chunk_recording: np.ndarray
-    labels: np.ndarray
-    meta: dict
-
-    @classmethod
-    def open(cls, path: PathLike) -> FeatureCache:
-        """Open a complete cache, refusing an unfinished one or arrays that disagree."""
-        path = Path(path)
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
-            raise FeatureCacheError(
-                f"{path}: not a complete feature cache (no meta.json); run probe.py extract"
-            )
-        meta = json.loads(meta_path.read_text())
-        features = np.load(path / "features.npy", mmap_mode="r")
-        chunk_recording = np.load(path / "chunk_recording.npy")
-        labels = np.load(path / "labels.npy")
-        shapes_agree = (
-            features.shape == (meta["chunks"], meta["layers"], meta["dim"])
-            and chunk_recording.shape == (meta["chunks"],)
-            and labels.shape == (len(meta["ids"]), len(meta["tags"]))
-        )
-        if not shapes_agree:
-            raise FeatureCacheError(
-                f"{path}: arrays and meta.json disagree; delete the folder and re-extract"
-            )
-        return cls(path, features, chunk_recording, labels, meta)
-
-    @property
-    def ids(self) -> list[str]:
-        return self.meta["ids"]
-
-    @property
-    def splits(self) -> list[str]:
-        return self.meta["splits"]
-
-    @property
-    def tags(self) -> list[str]:
-        return self.meta["tags"]
 
 
 class _RecordingAudio(Dataset):
@@ -263,15 +202,23 @@ class _PartEncoder:
         }
 
 
-def _check_complete(out_dir: Path, settings: dict) -> None:
-    """Refuse a complete cache in `out_dir` that was made from another task, model or settings."""
-    meta = json.loads((out_dir / "meta.json").read_text())
-    changed = sorted(key for key, value in settings.items() if meta.get(key) != value)
-    if changed:
+def check_window(window_seconds: float, min_samples: int) -> None:
+    """Refuse a chunk window shorter than the model's receptive field of `min_samples`."""
+    if not round(window_seconds * SAMPLE_RATE) >= min_samples:
         raise FeatureCacheError(
-            f"{out_dir} already holds a complete cache made with other {', '.join(changed)}; delete it "
-            "or pass another --out"
+            f"--window-seconds {window_seconds:g}: shorter than the model's receptive field of "
+            f"{min_samples} samples ({1000 * min_samples / SAMPLE_RATE:.1f} ms); pass a longer window"
         )
+
+
+def _drop_unstarted(out_dir: Path) -> None:
+    """Remove what an earlier run left in `out_dir` before it wrote any part (a `.partial` of
+    settings only, audio.json), so a rerun with other settings or repaired inputs starts afresh."""
+    partial = out_dir / ".partial"
+    if (out_dir / "meta.json").is_file() or any(partial.glob("part-*.npz")):
+        return
+    shutil.rmtree(partial, ignore_errors=True)
+    (out_dir / AUDIO_RECORD).unlink(missing_ok=True)
 
 
 def _finalize(out_dir: Path, store: Parts, task: Task, settings: dict, model_path: Path) -> None:
@@ -285,6 +232,8 @@ def _finalize(out_dir: Path, store: Parts, task: Task, settings: dict, model_pat
     new_row = np.full(len(task), -1, dtype=np.int64)
     new_row[kept] = np.arange(len(kept))
     chunk_recording = new_row[np.concatenate(list(store.arrays("chunk_recording")))]
+    if len(chunk_recording) == 0:
+        raise FeatureCacheError(f"{task.name}: the recordings gave no chunks; nothing was written")
     layers, dim = next(store.arrays("features")).shape[1:]
     store.write_joined(
         out_dir / "features.npy", "features", FEATURE_DTYPE, (len(chunk_recording), layers, dim)
@@ -355,6 +304,7 @@ def extract_features(
     model_path = Path(model_path)
     if not model_path.exists():
         raise FeatureCacheError(f"{model_path}: no such model; pass a fairseq .pt file or an HF folder")
+    _drop_unstarted(out_dir)
     audio, record = audio_sha256(audio_files, out_dir, FeatureCacheError)
     settings = {
         "task": task.name,
@@ -372,8 +322,13 @@ def extract_features(
         "skipped_missing_audio": sorted(skipped or []),
     }
     if (out_dir / "meta.json").is_file():
-        _check_complete(out_dir, settings)
+        check_complete(out_dir, settings)
         return out_dir
+    device = torch.device(device)
+    model = load_model(model_path, device, trust_checkpoint=trust_checkpoint)
+    check_weights(model, model_path)
+    min_samples = receptive_field(model)
+    check_window(window_seconds, min_samples)
     parts = [
         range(first, min(first + part_recordings, len(task)))
         for first in range(0, len(task), part_recordings)
@@ -381,11 +336,8 @@ def extract_features(
     store = Parts(out_dir / ".partial", len(parts), settings, FeatureCacheError)
     save_record(out_dir, record)
     pending = store.pending()
-    device = torch.device(device)
-    model = load_model(model_path, device, trust_checkpoint=trust_checkpoint)
-    check_weights(model, model_path)
     rows = [row for index in pending for row in parts[index]]
-    audio = _RecordingAudio(rows, audio_files, settings, receptive_field(model))
+    audio = _RecordingAudio(rows, audio_files, settings, min_samples)
     loader = DataLoader(audio, batch_size=None, num_workers=workers, collate_fn=_as_is)
     bar = tqdm(
         total=len(task),

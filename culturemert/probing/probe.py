@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from culturemert.errors import UserError
 from culturemert.files import write_atomically, write_json_atomically
-from culturemert.probing.features import FeatureCache
+from culturemert.probing.feature_cache import FeatureCache
 from culturemert.probing.metrics import (
     METRICS,
     average_by_recording,
