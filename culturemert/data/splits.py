@@ -43,6 +43,7 @@ SPLIT_NAMES = ("train", "valid", "test")
 CSV_HEADER = ["path", "split"]
 LYRA_VALID = "valid.txt"  # Lyra's fixed validation carve of training.tsv, one id a line
 LYRA_CARVE = DEFAULT_SPLITS_ROOT / "lyra" / LYRA_VALID
+TABLE_ENCODING = "utf-8-sig"  # CSV/TSV tables: UTF-8, a leading byte-order mark (Excel) dropped
 
 
 class SplitError(UserError):
@@ -113,7 +114,7 @@ def _read_npy_folder(folder: Path, trust_pickle: bool) -> Split:
 
 
 def _read_tsv_ids(path: Path) -> list[str]:
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding=TABLE_ENCODING) as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         if reader.fieldnames is None or "id" not in reader.fieldnames:
             raise SplitError(f"{path}: expected a tab-separated table with an 'id' column")
@@ -135,8 +136,9 @@ def _read_lyra_folder(folder: Path) -> Split:
 
 def table_rows(path: Path, header: list[str], delimiter: str = ",") -> list[tuple[int, list[str]]]:
     """The non-empty rows of a CSV (or, with `delimiter`, TSV) file with their line numbers,
-    leaving out a first row equal to `header` (compared case-insensitively)."""
-    with path.open(newline="") as handle:
+    leaving out a first row equal to `header` (compared case-insensitively). UTF-8, with or
+    without the byte-order mark Excel writes (`TABLE_ENCODING`)."""
+    with path.open(newline="", encoding=TABLE_ENCODING) as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         rows = [(reader.line_num, row) for row in reader if row]
     if rows and [cell.strip().lower() for cell in rows[0][1]] == header:

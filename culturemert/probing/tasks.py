@@ -54,6 +54,7 @@ from culturemert.audio import AUDIO_EXTENSIONS, find_audio_files
 from culturemert.data.splits import (
     DEFAULT_SPLITS_ROOT,
     SPLIT_NAMES,
+    TABLE_ENCODING,
     SplitError,
     load_string_array,
     read_split,
@@ -249,7 +250,7 @@ def _lyra_tags(row: dict[str, str]) -> list[str]:
 
 
 def _read_lyra_table(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding=TABLE_ENCODING) as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         missing = sorted({"id", *LYRA_COLUMNS} - set(reader.fieldnames or []))
         if missing:
