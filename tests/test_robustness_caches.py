@@ -19,11 +19,13 @@ from transformers import HubertModel
 
 from culturemert.audio import SAMPLE_RATE
 from culturemert.checkpoint import convert, load_model, save_fairseq
+from culturemert.cli import probe as probe_cli_module
 from culturemert.cli import run as run_cli
 from culturemert.cli.extract_tokens import main as extract_tokens_main
 from culturemert.cli.probe import main as probe_main
 from culturemert.cli.token_similarity import main as token_similarity_main
 from culturemert.data.manifest import write_manifest
+from culturemert.files import writing
 from culturemert.models.mert import MertModel
 from culturemert.targets.encodec_teacher import EncodecTeacher
 from culturemert.targets.token_cache import TokenCache, TokenCacheError
@@ -319,3 +321,130 @@ def test_token_similarity_refuses_mixed_teachers_and_names_glob_inputs_by_their_
     message = one_line(capsys, "token_similarity")
     assert "different teachers" in message and str(paths[2]) in message
     assert snapshot(out) == before
+
+
+# --- option values, outputs, damaged and unfinished caches ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--window-seconds", "-30"),
+        ("--window-seconds", "0"),
+        ("--window-seconds", "0.01"),  # 240 samples: the conv stack needs 400 for one frame
+        ("--window-seconds", "nan"),
+        ("--max-seconds", "-5"),
+        ("--workers", "-1"),
+        ("--top-k", "-1"),
+        ("--batch-size", "0"),
+    ],
+)
+def test_extract_refuses_a_bad_option_value_in_one_line_and_writes_nothing(
+    option, value, clips, task, model, tmp_path, capsys
+):
+    out = tmp_path / "features"
+
+    assert probe(extract_args(model, task, clips, out, option, value)) == 2
+
+    message = one_line(capsys, "probe")
+    assert message.startswith(f"probe: {option} {value}:")
+    assert not out.exists()
+
+
+def test_fit_refuses_bad_option_values_and_a_file_as_out_before_training(
+    clips, task, model, tmp_path, capsys, monkeypatch
+):
+    cache = tmp_path / "features"
+    assert probe(extract_args(model, task, clips, cache)) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(probe_cli_module, "fit_probe", lambda *args: pytest.fail("trained probes"))
+    run = tmp_path / "run"
+    fit = ["fit", "--features", str(cache), "--layer", "0", "--no-progress"]
+    for option, value in (("--max-epochs", "0"), ("--batch-size", "0"), ("--lrs", "-1"), ("--seeds", "0")):
+        assert probe([*fit, "--out", str(run), option, value]) == 2
+        assert one_line(capsys, "probe").startswith(f"probe: {option} {value}:")
+    assert not run.exists()
+
+    taken = tmp_path / "taken.txt"
+    taken.write_text("a file")
+    for out, where in ((taken, "is a file"), (taken / "run", f"lies under the file {taken}")):
+        assert probe([*fit, "--out", str(out)]) == 2
+        message = one_line(capsys, "probe")
+        assert f"--out {out} {where}" in message
+
+
+def test_extract_refuses_a_file_as_out_in_one_line(clips, task, model, tmp_path, capsys):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("a file")
+    for out, where in ((taken, "is a file"), (taken / "features", f"lies under the file {taken}")):
+        assert probe(extract_args(model, task, clips, out)) == 2
+        assert f"--out {out} {where}" in one_line(capsys, "probe")
+    assert taken.read_text() == "a file"
+
+
+def test_a_second_extract_into_the_same_out_is_refused_at_once(clips, task, model, tmp_path, capsys):
+    out = tmp_path / "features"
+    with writing(out):  # a first extraction still running
+        assert probe(extract_args(model, task, clips, out)) == 2
+        message = one_line(capsys, "probe")
+        assert str(out) in message and "in use" in message
+        assert not out.exists()
+    assert probe(extract_args(model, task, clips, out)) == 0
+    assert not any(path.name.endswith(".lock") for path in tmp_path.iterdir())
+
+
+def _truncate_features(cache: Path) -> str:
+    (cache / "features.npy").write_bytes((cache / "features.npy").read_bytes()[:500])
+    return "features.npy"
+
+
+def _remove_labels(cache: Path) -> str:
+    (cache / "labels.npy").unlink()
+    return "labels.npy"
+
+
+@pytest.mark.parametrize("damage", [_truncate_features, _remove_labels], ids=["truncated", "missing"])
+def test_a_damaged_complete_cache_is_one_line_in_fit_and_extract(
+    damage, clips, task, model, tmp_path, capsys
+):
+    cache = tmp_path / "features"
+    assert probe(extract_args(model, task, clips, cache)) == 0
+    array = damage(cache)
+    capsys.readouterr()
+
+    fit = ["fit", "--features", str(cache), "--layer", "0", "--out", str(tmp_path / "run"), "--no-progress"]
+    for argv in (fit, extract_args(model, task, clips, cache)):
+        assert probe(argv) == 2
+        message = one_line(capsys, "probe")
+        assert str(cache) in message and array in message and "delete the folder and re-extract" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_first_extract_that_wrote_no_part_restarts_with_repaired_audio_and_other_settings(
+    clips, model, tmp_path, capsys
+):
+    _truncated(clips / "bad.flac")
+    names = [*(f"clip{index}.wav" for index in range(CLIPS)), "bad.flac"]
+    task = task_csv(tmp_path / "task.csv", names)
+    out = tmp_path / "features"
+    assert probe(extract_args(model, task, clips, out, "--normalize")) == 2
+    assert "bad.flac" in one_line(capsys, "probe")
+    assert (out / ".partial").is_dir() and not list((out / ".partial").glob("part-*"))
+
+    sf.write(clips / "bad.flac", tone(9), SAMPLE_RATE, format="FLAC")  # repaired
+    assert probe(extract_args(model, task, clips, out)) == 0  # without --normalize
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["normalize"] is False and len(meta["ids"]) == CLIPS + 1
+
+
+def test_a_task_file_with_a_byte_order_mark_is_read(clips, model, tmp_path):
+    plain = task_csv(tmp_path / "task.csv", [f"clip{index}.wav" for index in range(CLIPS)])
+    marked = tmp_path / "excel" / "task.csv"
+    marked.parent.mkdir()
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", b"\r\n"))
+
+    assert probe(extract_args(model, marked, clips, tmp_path / "features")) == 0
+
+    meta = json.loads((tmp_path / "features" / "meta.json").read_text())
+    assert meta["ids"] == [f"clip{index}" for index in range(CLIPS)] and meta["tags"] == ["a", "b"]

@@ -26,16 +26,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from culturemert.cli import command
 from culturemert.data.splits import DEFAULT_SPLITS_ROOT
-from culturemert.errors import listing
+from culturemert.errors import UserError, listing
+from culturemert.files import writing
 from culturemert.probing.bootstrap import RESAMPLES
 from culturemert.probing.chunking import WINDOW_SECONDS
-from culturemert.probing.features import BATCH_SIZE, PART_RECORDINGS, FeatureCache, extract_features
+from culturemert.probing.feature_cache import FeatureCache, FeatureCacheError
+from culturemert.probing.features import BATCH_SIZE, PART_RECORDINGS, extract_features
 from culturemert.probing.precision import PRECISIONS
 from culturemert.probing.probe import ALL_LAYERS, ProbeConfig, ProbeError, fit_probe, write_run
 from culturemert.probing.report import write_report
@@ -44,9 +47,54 @@ from culturemert.probing.tasks import find_audio, load_task, present_rows
 
 logger = logging.getLogger("probe")
 PROBE = ProbeConfig()
+# The numeric options of each command: the least value allowed, or the value to exceed (ABOVE);
+# an option not given (None) is not checked.
+AT_LEAST = {
+    "extract": {"--max-seconds": 0, "--batch-size": 1, "--part-recordings": 1, "--workers": 0, "--top-k": 1},
+    "fit": {
+        "--seeds": 1,
+        "--max-epochs": 1,
+        "--batch-size": 1,
+        "--lr-patience": 0,
+        "--early-stopping-patience": 0,
+        "--threads": 1,
+    },
+    "report": {"--resamples": 1},
+}
+ABOVE = {"extract": {"--window-seconds": 0}, "fit": {"--lrs": 0}}
+ERRORS: dict[str, type[UserError]] = {"extract": FeatureCacheError, "fit": ProbeError, "report": ReportError}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse a numeric option outside its range (`AT_LEAST`, `ABOVE`) or not finite, before any
+    work, in one line naming it."""
+    error = ERRORS[args.command]
+    for limits, strict in ((AT_LEAST, False), (ABOVE, True)):
+        for option, bound in limits.get(args.command, {}).items():
+            value = getattr(args, option[2:].replace("-", "_"))
+            for item in value if isinstance(value, list) else [value]:
+                allowed = item is None or math.isfinite(item) and (item > bound if strict else item >= bound)
+                if not allowed:
+                    raise error(f"{option} {item:g}: must be {'above' if strict else 'at least'} {bound}")
+
+
+def check_out(out: Path, error: type[UserError]) -> None:
+    """Refuse an --out folder that is a file or lies under one, before any work."""
+    for folder in (out, *out.parents):
+        if folder.is_dir():
+            return
+        if folder.exists():
+            where = "is a file" if folder == out else f"lies under the file {folder}"
+            raise error(f"--out {out} {where}; choose a folder")
 
 
 def extract(args: argparse.Namespace) -> None:
+    check_out(args.out, FeatureCacheError)
+    with writing(args.out):
+        _extract(args)
+
+
+def _extract(args: argparse.Namespace) -> None:
     task = load_task(args.task, args.splits_root, args.metadata, args.top_k, trust_pickle=args.trust_pickle)
     if args.max_seconds is not None:
         task = dataclasses.replace(task, max_seconds=args.max_seconds or None)
@@ -95,6 +143,7 @@ def _layer(value: str) -> int | str:
 
 
 def fit(args: argparse.Namespace) -> None:
+    check_out(args.out, ProbeError)
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = FeatureCache.open(args.features)
@@ -216,10 +265,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "fit" and args.seeds < 1:
-        raise ProbeError("--seeds must be at least 1")
-    if args.command == "report" and args.resamples < 1:
-        raise ReportError("--resamples must be at least 1")
+    check_options(args)
     args.run(args)
     return 0
 
