@@ -4,6 +4,8 @@ stage budgets with a 20 % replay share, determinism, resuming, and the evaluatio
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +240,29 @@ def test_leak_check_refuses_a_planted_test_item_and_writes_nothing(generic, musi
     assert status == 2
     assert str(culture / f"{test_id}.wav") in message and "makam test" in message and "refusing" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_files_that_are_not_audio_are_logged_and_an_excel_split_csv_is_read(generic, tmp_path, caplog):
+    root = tmp_path / "generic"
+    shutil.copytree(generic, root)
+    (root / "culture" / "notes.txt").write_text("recorded in 2019")
+    (root / "western" / "w4.m4a").write_bytes(b"an MP4 container soundfile does not read")
+    (root / "western" / "deep" / "cover.jpg").write_bytes(b"a picture")
+    split = (root / "split.csv").read_text().replace("\n", "\r\n")
+    (root / "culture" / "split.csv").write_bytes(b"\xef\xbb\xbf" + split.encode())  # as Excel saves it
+    args = _generic_args(root, tmp_path / "out")
+    args[args.index(f"makam={root / 'split.csv'}")] = f"makam={root / 'culture' / 'split.csv'}"
+
+    with caplog.at_level(logging.WARNING, logger="prepare_data"):
+        assert prepare_data(args) == 0
+
+    skipped = {record.getMessage().split(":")[0]: record.getMessage() for record in caplog.records}
+    assert "skipping 1 file(s)" in skipped["makam"] and "notes.txt" in skipped["makam"]
+    assert "split.csv" not in skipped["makam"]  # the split file the command was given is not audio it skips
+    assert "skipping 2 file(s)" in skipped[REPLAY]
+    assert "w4.m4a" in skipped[REPLAY] and str(Path("deep", "cover.jpg")) in skipped[REPLAY]
+    provenance = json.loads((tmp_path / "out" / "makam" / "provenance.json").read_text())
+    assert provenance["sources"]["makam"]["recordings"] == 3
 
 
 def test_segments_are_30_s_from_the_start_with_tails_of_at_least_5_s():

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
+from culturemert.audio import AUDIO_EXTENSIONS
 from culturemert.cli import command
 from culturemert.data.config import REPLAY, STAGES, PreparationError, load_data_config
 from culturemert.data.preparation import prepare
 from culturemert.data.sources import Source
 from culturemert.data.splits import DEFAULT_SPLITS_ROOT
+from culturemert.errors import listing
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs" / "data"
@@ -70,6 +73,30 @@ def _sources(args: argparse.Namespace, cultures: list[str]) -> list[Source]:
     elif REPLAY in splits:
         raise PreparationError(f"--split {REPLAY}=... needs the replay folder, --replay DIR")
     return sources
+
+
+def _log_skipped_files(sources: list[Source]) -> None:
+    """Log, per source, the files below its audio folder that it does not read as audio (an
+    extension outside `AUDIO_EXTENSIONS`; hidden files and the source's split file left out)."""
+    for source in sources:
+        split = source.split_path.resolve() if source.split_path is not None else None
+        skipped = sorted(
+            str(Path(parent, name).relative_to(source.audio_dir))
+            for parent, _, names in os.walk(source.audio_dir)
+            for name in names
+            if not name.startswith(".")
+            and os.path.splitext(name)[1].lower() not in AUDIO_EXTENSIONS
+            and Path(parent, name).resolve() != split
+        )
+        if skipped:
+            logger.warning(
+                "%s: skipping %d file(s) below %s that are not audio (%s): %s",
+                source.name,
+                len(skipped),
+                source.audio_dir,
+                ", ".join(AUDIO_EXTENSIONS),
+                listing(skipped, 5),
+            )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         "replay_stages": REPLAY_STAGES.get(args.replay_stages, config.replay_stages),
     }
     config = replace(config, **overrides)
+    sources = _sources(args, list(config.cultures))
+    _log_skipped_files(sources)
     provenance = prepare(
         config,
-        _sources(args, list(config.cultures)),
+        sources,
         args.splits_root,
         out_dir,
         args.audio_out,
