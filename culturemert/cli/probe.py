@@ -16,9 +16,10 @@ minzwon train.npy and binary.npy), on the published splits shipped with the pack
 Audio files are found under --audio-root by recording id.
 The report command writes Tables 4.1/4.2 (table.md) and Figures 4.2, 4.4 and 4.7 of the best layer
 per model and task, with 95 % bootstrap intervals over test tracks where the runs saved predictions.
-Extraction resumes where an interrupted run stopped; --skip-bad drops (and records) recordings
-whose audio is corrupt, truncated or shorter than the model's receptive field. Exits with status
-2 and a one-line message on bad inputs.
+Extraction resumes where an interrupted run stopped, and a second extraction into the same --out
+is refused while one runs; --skip-bad drops (and records) recordings whose audio is corrupt,
+truncated or shorter than the model's receptive field. Exits with status 2 and a one-line message
+on bad inputs, option values out of range included, before any work.
 """
 
 from __future__ import annotations

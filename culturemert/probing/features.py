@@ -21,7 +21,9 @@ meta.json with the reason.
 
 Resuming (`culturemert.parts`): recordings are grouped into parts of ``part_recordings`` in task
 order; a rerun with the same settings encodes only the parts not yet written. A part is encoded
-the same way whatever happened before it, so the result equals that of an uninterrupted run.
+the same way whatever happened before it, so the result equals that of an uninterrupted run. A
+run that stopped before writing any part keeps nothing: the rerun starts afresh, with its own
+settings and audio.
 """
 
 from __future__ import annotations
