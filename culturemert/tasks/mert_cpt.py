@@ -11,10 +11,18 @@ gives trainable parameters to the optimizer, so frozen ones carry no optimizer s
 loss heads outside it, in float32. It excludes ``common.fp16``, ``common.amp`` and ``common.bf16``.
 The training step reports the peak CUDA memory allocated since fairseq's last reset (every update)
 as ``cuda_peak_gib`` in single-process runs.
+
+Started by the launcher (``CULTUREMERT_DIE_WITH`` set), every training process is killed when the
+process that started it ends (Linux), so none outlives the run lock: torchrun's workers do not
+inherit it.
 """
 
+import ctypes
 import logging
+import os
 import re
+import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,6 +41,33 @@ from culturemert.errors import UserError
 from culturemert.targets.cqt import CQTTeacher
 
 logger = logging.getLogger(__name__)
+
+DIE_WITH = "CULTUREMERT_DIE_WITH"  # <launcher pid>@<host>, set by culturemert.training.launcher
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Under the launcher (`DIE_WITH` set), on Linux: have this process killed when its parent
+    ends, and exit at once if its parent or the launcher on this host has already ended."""
+    launcher = os.environ.get(DIE_WITH)
+    if not launcher or os.uname().sysname != "Linux":
+        return
+    parent = os.getppid()
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("could not tie this process to its parent: %s", os.strerror(ctypes.get_errno()))
+        return
+    pid, _, host = launcher.partition("@")
+    gone = os.getppid() != parent or parent == 1
+    if not gone and host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            gone = True
+        except (PermissionError, ValueError):
+            pass
+    if gone:
+        logger.error("the process that started this one has ended; exiting")
+        os._exit(1)
 
 
 @dataclass
@@ -115,6 +150,7 @@ class MertCptTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: MertCptConfig, **kwargs) -> "MertCptTask":
+        die_with_parent()
         return cls(cfg)
 
     def build_model(self, cfg, from_checkpoint: bool = False):
