@@ -1,13 +1,18 @@
 """The launcher behind scripts/run_cpt.sh, through the real command: inputs in the layouts users
 have (culturemert.testing), an HF folder's fresh heads trained in stage 1, the run's own update
-counts winning over the preset, and a run folder that refuses every input it was not made from."""
+counts winning over the preset, a run folder that refuses every input it was not made from, a
+stage stopped after its last checkpoint, run names Hydra's grammar gives meaning to, and runs
+behind torchrun (the LAUNCH they need, workers that die with the run, the world size kept)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +191,103 @@ def test_restart_moves_the_old_folder_aside_and_leftovers_without_a_fingerprint_
     assert not run.exists() and (moved / "stage1").is_dir() and moved.name.startswith("makam.replaced-")
     assert fingerprint.check_or_record(run, {"init": {"sha256": "a"}})
     assert not fingerprint.check_or_record(run, {"init": {"sha256": "a", "path": "moved/elsewhere"}})
+
+
+def test_a_stage_stopped_after_its_last_checkpoint_is_finished_without_another_update(hf_run, tmp_path):
+    run, env, _ = hf_run
+    shutil.copytree(run, tmp_path / "demo")
+    # Killed after fairseq saved stage 2's last checkpoint, before the launcher wrote `finished`.
+    (tmp_path / "demo" / "stage2" / "finished").unlink()
+    last = tmp_path / "demo" / "stage2" / "checkpoint_last.pt"
+    saved = last.stat().st_mtime_ns
+    result = run_cpt("demo", **{**env, "CPT_OUT": tmp_path})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "stage 2 already made its 150 updates" in result.stderr
+    assert updates(last) == 150 and last.stat().st_mtime_ns == saved
+    assert (tmp_path / "demo" / "stage2" / "finished").is_file()
+
+
+def test_a_run_named_with_spaces_brackets_commas_quotes_and_accents_trains(corpus, tmp_path):  # noqa: F811
+    out, name = tmp_path / "out [1]", "makam (v2), é {x}=it's"
+    env = {"INIT": corpus / "init.pt", "MANIFESTS": corpus / "manifests", "CPT_OUT": out, "NAME": name}
+    result = run_cpt("demo", "optimization.max_update=2", **env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert updates(out / name / "stage2" / "checkpoint_last.pt") == 2
+    assert (out / name / "stage2" / "hydra" / "hydra_train.log").is_file()
+
+
+# --- Runs behind torchrun (CPU processes over gloo).
+
+
+def test_launch_torchrun_without_a_torchrun_command_is_refused(corpus, tmp_path):  # noqa: F811
+    env = {"INIT": corpus / "init.pt", "MANIFESTS": corpus / "manifests", "CPT_OUT": tmp_path, "LAUNCH": ""}
+    message = refusal(run_cpt("demo", "+launch=torchrun_cpu", **env))
+    assert "+launch=torchrun" in message and "LAUNCH" in message
+    assert not (tmp_path / "demo").exists()
+
+
+def processes_of(run: Path) -> dict[int, int]:
+    """pid -> parent pid of the live processes whose command line names ``run``."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            command = (stat.parent / "cmdline").read_bytes().decode(errors="replace")
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if str(run) in command and fields[0] != "Z":
+            found[int(stat.parent.name)] = int(fields[1])
+    return found
+
+
+@pytest.fixture(scope="module")
+def torchrun_killed(corpus, tmp_path_factory) -> tuple[Path, dict, list[int]]:  # noqa: F811
+    """A run behind ``torchrun --nproc_per_node 2`` whose process group was killed (SIGKILL) once
+    stage 1 saved a checkpoint; with the pids its two training workers had."""
+    root = tmp_path_factory.mktemp("torchrun")
+    env = {"INIT": corpus / "init.pt", "MANIFESTS": corpus / "manifests", "CPT_OUT": root}
+    env["LAUNCH"] = "torchrun --standalone --nproc_per_node 2"
+    overrides = ["+launch=torchrun_cpu", "optimization.max_update=400"]
+    environment = {**os.environ, "PRESET": "tiny", **{key: str(value) for key, value in env.items()}}
+    command = ["bash", str(REPO / "scripts/run_cpt.sh"), "demo", *overrides]
+    log = root / "run.log"
+    with log.open("w") as output:
+        launcher = subprocess.Popen(
+            command, env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (root / "demo" / "stage1" / "checkpoint_last.pt").exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        processes = processes_of(root / "demo")
+        workers = [pid for pid, parent in processes.items() if parent in processes]  # the agent's children
+        assert len(workers) == 2, processes
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        yield root / "demo", env, workers
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_torchrun_workers_die_with_the_run_they_belong_to(torchrun_killed):
+    run, _, workers = torchrun_killed
+    deadline = time.monotonic() + 10
+    while processes_of(run) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(workers) & set(processes_of(run))
+
+
+def test_a_torchrun_run_refuses_another_world_size(torchrun_killed, tmp_path):
+    run, env, _ = torchrun_killed
+    shutil.copytree(run, tmp_path / "demo")
+    assert json.loads((run / fingerprint.FINGERPRINT).read_text())["launch"] == {"world_size": 2}
+    env = {**env, "CPT_OUT": tmp_path, "LAUNCH": "torchrun --standalone --nproc_per_node 1"}
+    message = refusal(run_cpt("demo", "+launch=torchrun_cpu", "optimization.max_update=400", **env))
+    assert "launch.world_size: 2 -> 1" in message

@@ -6,7 +6,9 @@ caches fit together, reads INIT once (its architecture goes into every stage), c
 records the run's fingerprint, writes the start checkpoint, and runs each unfinished stage as a
 ``fairseq-hydra-train`` process (behind ``LAUNCH``, e.g. torchrun) on the composed config file it
 wrote into the stage's folder. Each stage starts a fresh optimizer and LR schedule from the
-previous stage's last checkpoint; an interrupted stage resumes from its ``checkpoint_last.pt``.
+previous stage's last checkpoint; an interrupted stage resumes from its ``checkpoint_last.pt``
+(or is marked finished if that checkpoint already made the stage's updates). Under a torchrun
+LAUNCH the number of training processes is part of the fingerprint.
 """
 
 from __future__ import annotations
@@ -14,20 +16,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from culturemert.checkpoint import convert
+from culturemert.checkpoint_reading import read_checkpoint
 from culturemert.data.manifest import ManifestError, read_manifest
 from culturemert.errors import UserError
 from culturemert.fingerprint import file_sha256
 from culturemert.targets.token_cache import TokenCache, TokenCacheError
+from culturemert.tasks.mert_cpt import DIE_WITH
 from culturemert.training import config as configs
 from culturemert.training import fingerprint, start
 
@@ -44,10 +51,16 @@ PATH_SETTINGS = (
     "checkpoint.save_dir",
     "checkpoint.finetune_from_model",
 )
+# What configs/launch/torchrun.yaml reads from torchrun's environment.
+TORCHRUN_ENVIRONMENT = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
 class StageFailed(UserError):
     """A training process ended with an error; its log says why."""
+
+
+class LaunchError(UserError):
+    """A LAUNCH command, or run paths, that the stages cannot be started with."""
 
 
 @dataclasses.dataclass
@@ -112,6 +125,13 @@ def launch(settings: Settings) -> Path:
         )
         for stage in stages
     }
+    check_paths(settings)
+    world_size = torchrun_world_size(settings.launch)
+    if world_size is None and any(needs_torchrun(cfg) for cfg in composed.values()):
+        raise LaunchError(
+            "+launch=torchrun reads the world size, rank and device from torchrun's environment: set "
+            'LAUNCH to a torchrun command, e.g. LAUNCH="torchrun --nproc_per_node 8" (README, "Scaling out")'
+        )
     if settings.restart and settings.out.exists():
         logger.info(
             "RESTART=1: moved the previous %s to %s", settings.out, fingerprint.move_aside(settings.out)
@@ -132,6 +152,8 @@ def launch(settings: Settings) -> Path:
             "stages": {f"stage{s}": {"config": without_paths(composed[s]), "data": data[s]} for s in stages},
             "code": fingerprint.code_version(),
         }
+        if world_size is not None:
+            record["launch"] = {"world_size": world_size}  # not in the config under torchrun
         if fingerprint.check_or_record(settings.out, record):
             logger.info("new run %s: its inputs are recorded in %s", settings.out, fingerprint.FINGERPRINT)
         else:
@@ -142,6 +164,60 @@ def launch(settings: Settings) -> Path:
             previous = run_stage(settings, stage, composed[stage], previous, lock)
         logger.info(convert(previous, settings.out / "hf"))
     return previous
+
+
+def check_paths(settings: Settings) -> None:
+    """Refuse run paths that the stage configuration cannot hold: OmegaConf reads ``${`` in a
+    value as an interpolation."""
+    paths = {"CPT_OUT/NAME": settings.out, "MANIFESTS": settings.manifests, "TOKENS": settings.tokens}
+    paths["the repository"] = settings.repo
+    bad = [f"{name} ({path})" for name, path in paths.items() if "${" in str(path)]
+    if bad:
+        raise LaunchError(f"'${{' in {', '.join(bad)} reads as an interpolation; use paths without it")
+
+
+def torchrun_world_size(launch: list[str]) -> int | None:
+    """The number of training processes of a torchrun LAUNCH (``torchrun`` or ``python -m
+    torch.distributed.run``), read with torchrun's own parser; None for any other LAUNCH."""
+    from torch.distributed import run as torchrun
+
+    for at, word in enumerate(launch):
+        if Path(word).name == "torchrun":
+            arguments = launch[at + 1 :]
+            break
+        if word == "-m" and launch[at + 1 : at + 2] == ["torch.distributed.run"]:
+            arguments = launch[at + 2 :]
+            break
+    else:
+        return None
+
+    def refuse(message: str) -> NoReturn:
+        raise LaunchError(f"LAUNCH={shlex.join(launch)}: {message}")
+
+    parser = torchrun.get_args_parser()
+    parser.error = refuse  # argparse would print its usage and exit
+    args = parser.parse_args([*arguments, "fairseq-hydra-train"])
+    try:
+        nodes = torchrun.parse_min_max_nnodes(args.nnodes)
+        per_node = torchrun.determine_local_world_size(args.nproc_per_node)
+    except (ValueError, RuntimeError) as error:
+        refuse(str(error))
+    if nodes[0] != nodes[1]:
+        refuse(f"--nnodes {args.nnodes} lets the world size, so the effective batch, change; give one number")
+    return nodes[0] * per_node
+
+
+def needs_torchrun(cfg: DictConfig) -> bool:
+    """Whether a stage reads torchrun's environment (``+launch=torchrun``)."""
+    values = OmegaConf.to_container(cfg.distributed_training, resolve=False).values()
+    read = [f"oc.env:{name}" for name in TORCHRUN_ENVIRONMENT if name not in os.environ]
+    return any(isinstance(value, str) and any(r in value for r in read) for value in values)
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` as a quoted value of a Hydra override: quotes and the backslashes before them
+    (or before the closing quote) escaped, every other character as it is."""
+    return "'" + re.sub(r"(\\*)('|\Z)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value) + "'"
 
 
 def stage_data(settings: Settings, stage: int) -> dict[str, str]:
@@ -213,6 +289,13 @@ def run_stage(settings: Settings, stage: int, cfg: DictConfig, previous: Path, l
     if (save_dir / "finished").exists():
         logger.info("stage %d already finished (%s), skipping", stage, save_dir)
         return last
+    max_update = OmegaConf.select(cfg, "optimization.max_update", default=0)
+    if max_update and last.is_file() and done_updates(last) >= max_update:
+        # Saved its last checkpoint but was stopped before `finished` was written: fairseq would
+        # take one more step before checking max_update.
+        logger.info("stage %d already made its %d updates (%s), marking it finished", stage, max_update, last)
+        (save_dir / "finished").touch()
+        return last
     configs.set_values(
         cfg,
         {
@@ -234,8 +317,9 @@ def run_stage(settings: Settings, stage: int, cfg: DictConfig, previous: Path, l
             "fairseq-hydra-train is not on PATH; activate the environment CultureMERT is installed in"
         )
     command = [*settings.launch, train, "--config-dir", str(save_dir), "--config-name", COMPOSED]
-    command += [f"hydra.run.dir={save_dir / 'hydra'}", "hydra.job.chdir=false"]
+    command += [f"hydra.run.dir={hydra_quoted(str(save_dir / 'hydra'))}", "hydra.job.chdir=false"]
     env = dict(os.environ)
+    env[DIE_WITH] = f"{os.getpid()}@{socket.gethostname()}"  # so no training process outlives the lock
     if not env.get("WANDB_API_KEY"):
         env.setdefault("WANDB_MODE", "offline")  # common.wandb_project logs locally without a key
     result = subprocess.run(command, env=env, pass_fds=(lock,), check=False)
@@ -246,3 +330,9 @@ def run_stage(settings: Settings, stage: int, cfg: DictConfig, previous: Path, l
         )
     (save_dir / "finished").touch()
     return last
+
+
+def done_updates(checkpoint: Path) -> int:
+    """The updates a fairseq checkpoint has made (its tensors are not read)."""
+    history = read_checkpoint(checkpoint, mmap=True).get("optimizer_history") or [{}]
+    return history[-1].get("num_updates", 0)
