@@ -28,7 +28,7 @@ from culturemert.data.splits import DEFAULT_SPLITS_ROOT
 from culturemert.models.mert import MertConfig, MertModel
 from culturemert.music_corpus import render_collection
 from culturemert.probing import features as features_module
-from culturemert.probing.chunking import chunk_bounds, normalize, recording_chunks
+from culturemert.probing.chunking import chunk_bounds, normalize, recording_chunks, stream_chunks
 from culturemert.probing.feature_cache import FeatureCache, FeatureCacheError
 from culturemert.probing.features import extract_features
 from culturemert.probing.metrics import evaluable_tags, macro_roc_auc, tagging_metrics
@@ -115,6 +115,21 @@ def test_a_95_s_track_gives_three_30_s_chunks_and_a_5_s_tail():
         (60 * second, 90 * second),
     ]  # a 0.5 s tail is dropped
     assert chunk_bounds(int(0.5 * second)) == [(0, int(0.5 * second))]  # a short track is one chunk
+
+
+@pytest.mark.parametrize("block", [7, 100, 250, 1000])
+def test_chunks_streamed_from_blocks_are_the_chunks_of_the_whole_recording(block):
+    """A window of 100 samples and a last chunk kept from 20: every length around the edges,
+    decoded in blocks smaller, equal to and larger than the window."""
+    rate, window, min_last = 100, 1.0, 0.2
+    for length in (1, 19, 20, 99, 100, 101, 119, 120, 200, 219, 220, 950):
+        wav = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+        blocks = [wav[start : start + block] for start in range(0, length, block)]
+        streamed = list(stream_chunks(blocks, rate, window, min_last))
+        expected = [wav[start:stop] for start, stop in chunk_bounds(length, rate, window, min_last)]
+        assert [len(c) for c in streamed] == [len(c) for c in expected], length
+        assert all(np.array_equal(a, b) for a, b in zip(streamed, expected))
+    assert list(stream_chunks([], rate, window, min_last)) == []
 
 
 def test_duration_cut_and_normalisation_come_before_chunking():

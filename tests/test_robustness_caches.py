@@ -207,6 +207,37 @@ def test_unusable_audio_is_named_or_skipped_and_counted(damage, clips, model, tm
     assert sorted(set(chunk_recording.tolist())) == list(range(CLIPS))  # every kept row has chunks
 
 
+def test_a_long_recording_streamed_in_windows_equals_it_decoded_whole(clips, model, tmp_path):
+    """Without DataLoader workers a recording's windows are encoded as they are decoded (memory
+    bounded by the window); with one, each recording comes decoded whole. The caches are the same
+    bytes, also when a 44.1 kHz file breaks 50 s in, after its first 30 s block gave 30 windows
+    (they are dropped with it under --skip-bad)."""
+    rate, seconds = 44_100, 70.0
+    t = np.arange(round(seconds * rate)) / rate
+    long = (0.3 * np.sin(2 * np.pi * 330 * t) * np.exp(-t / 20)).astype(np.float32)
+    sf.write(clips / "long.flac", long, rate, format="FLAC")
+    sf.write(clips / "broken.flac", long, rate, format="FLAC")
+    data = (clips / "broken.flac").read_bytes()
+    (clips / "broken.flac").write_bytes(data[: int(len(data) * 50 / seconds)])
+    names = [f"clip{index}.wav" for index in range(CLIPS)]
+    task = task_csv(tmp_path / "task.csv", [*names[:2], "long.flac", "broken.flac", *names[2:]])
+    caches = {}
+    for workers in ("0", "1"):
+        caches[workers] = tmp_path / f"workers{workers}"
+        args = extract_args(model, task, clips, caches[workers], "--skip-bad", "--workers", workers)
+        assert probe(args) == 0
+    arrays = ("features.npy", "chunk_recording.npy", "labels.npy")
+    assert all((caches["0"] / a).read_bytes() == (caches["1"] / a).read_bytes() for a in arrays)
+    meta = json.loads((caches["0"] / "meta.json").read_text())
+    (skipped,) = meta["skipped_bad_audio"]
+    assert skipped["id"] == "broken" and "corrupt" in skipped["reason"]
+    chunk_recording = np.load(caches["0"] / "chunk_recording.npy")
+    assert np.sum(chunk_recording == meta["ids"].index("long")) == 70  # 1 s windows
+    assert (
+        meta["skipped_bad_audio"] == json.loads((caches["1"] / "meta.json").read_text())["skipped_bad_audio"]
+    )
+
+
 # --- content fingerprints ----------------------------------------------------------------------
 
 

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 
 from culturemert.audio import SAMPLE_RATE
@@ -61,3 +63,26 @@ def recording_chunks(
         wav = normalize(wav)
     bounds = chunk_bounds(len(wav), sample_rate, window_seconds, min_last_seconds)
     return [np.ascontiguousarray(wav[start:stop], dtype=np.float32) for start, stop in bounds]
+
+
+def stream_chunks(
+    blocks: Iterable[np.ndarray],
+    sample_rate: int = SAMPLE_RATE,
+    window_seconds: float = WINDOW_SECONDS,
+    min_last_seconds: float = MIN_LAST_SECONDS,
+) -> Iterator[np.ndarray]:
+    """The chunks of step 3 of the waveform that consecutive `blocks` make up (the chunks of
+    `chunk_bounds`, equal to slicing the joined blocks), each yielded as soon as it is complete:
+    only one window and one block are held at a time, however long the recording."""
+    window = round(window_seconds * sample_rate)
+    pending: list[np.ndarray] = []
+    held = emitted = 0
+    for block in blocks:
+        pending.append(block)
+        held += len(block)
+        while held >= window:
+            joined = np.concatenate(pending)
+            yield np.ascontiguousarray(joined[:window], dtype=np.float32)
+            pending, held, emitted = [joined[window:]], held - window, emitted + 1
+    if held and (emitted == 0 or held >= min_last_seconds * sample_rate):
+        yield np.ascontiguousarray(np.concatenate(pending), dtype=np.float32)

@@ -1,7 +1,8 @@
 """Frozen-model features of a probing task, extracted once into a cache folder (thesis 3.5.2).
 
-Every recording is decoded block-wise up to its duration cut (`culturemert.audio.load_audio`, so
-memory is bounded by the cut, not the file), optionally normalised and chunked (`chunking`); each
+Every recording is decoded block-wise up to its duration cut (`culturemert.audio.stream_audio`)
+and chunked (`chunking`) as it is decoded, so memory is bounded by the window, not the file (with
+``normalize`` or DataLoader workers, by the cut recording, which is held whole); each
 chunk is encoded by the frozen model in eval mode (`MertModel.hidden_states`, float32, or 16-bit
 autocast on CUDA: `culturemert.probing.precision`) and each of
 its hidden states (13 for MERT-v1-95M: the transformer input and the 12 layer outputs) is
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +39,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from culturemert.audio import SAMPLE_RATE, AudioError, load_audio
+from culturemert.audio import SAMPLE_RATE, AudioError, load_audio, stream_audio
 from culturemert.checkpoint import load_model
 from culturemert.errors import listing
 from culturemert.files import write_atomically, write_json_atomically
 from culturemert.fingerprint import AUDIO_RECORD, audio_sha256, model_sha256, save_record
 from culturemert.models.mert import MertModel, conv_output_lengths
 from culturemert.parts import Parts
-from culturemert.probing.chunking import MIN_LAST_SECONDS, WINDOW_SECONDS, recording_chunks
+from culturemert.probing.chunking import MIN_LAST_SECONDS, WINDOW_SECONDS, recording_chunks, stream_chunks
 from culturemert.probing.feature_cache import FeatureCacheError, check_complete
 from culturemert.probing.precision import check_precision, computation
 from culturemert.probing.tasks import Task
@@ -59,42 +61,54 @@ PathLike = str | os.PathLike
 
 
 class _RecordingAudio(Dataset):
-    """The chunks of each recording, or the reason it cannot be used (decoding happens here, in
-    DataLoader workers if asked). A chunk needs at least `min_samples` (one model frame)."""
+    """The chunks of each recording (decoding happens here, in DataLoader workers if asked). In
+    this process (`lazy`) a recording's chunks come as they are decoded, so memory is bounded by
+    the window, not the file; a DataLoader worker sends them as one list, or the reason the
+    recording cannot be used. With ``normalize`` the whole cut recording is decoded first: its
+    mean and variance are the whole recording's."""
 
-    def __init__(self, rows: list[int], files: list[Path], settings: dict, min_samples: int):
+    def __init__(self, rows: list[int], files: list[Path], settings: dict, min_samples: int, lazy: bool):
         self.rows = rows
         self.files = files
         self.settings = settings
         self.min_samples = min_samples
+        self.lazy = lazy
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[int, list[np.ndarray] | str]:
+    def __getitem__(self, index: int) -> tuple[int, Iterable[np.ndarray] | str]:
         row = self.rows[index]
-        path = self.files[row]
+        chunks = self.chunks(self.files[row])
+        if self.lazy:
+            return row, chunks
         try:
-            audio = load_audio(path, max_seconds=self.settings["max_seconds"])
+            return row, list(chunks)
         except AudioError as error:
             return row, str(error)
-        if len(audio) < self.min_samples:
-            return row, (
-                f"{path}: {len(audio)} samples, shorter than the model's receptive field of "
+
+    def chunks(self, path: Path) -> Iterator[np.ndarray]:
+        """The recording's chunks (`chunking`); an `AudioError` where it cannot be decoded or is
+        shorter than the receptive field, raised as it is met."""
+        settings, bounds = self.settings, (self.settings["window_seconds"], self.settings["min_last_seconds"])
+        if settings["normalize"]:
+            wav = load_audio(path, max_seconds=settings["max_seconds"])
+            chunks = iter(recording_chunks(wav, None, True, SAMPLE_RATE, *bounds) if len(wav) else [])
+        else:
+            chunks = stream_chunks(
+                stream_audio(path, max_seconds=settings["max_seconds"]), SAMPLE_RATE, *bounds
+            )
+        first = next(chunks, np.zeros(0, np.float32))
+        if len(first) < self.min_samples:  # the first chunk is a whole window or the whole recording
+            raise AudioError(
+                f"{path}: {len(first)} samples, shorter than the model's receptive field of "
                 f"{self.min_samples} samples ({1000 * self.min_samples / SAMPLE_RATE:.1f} ms); drop it"
             )
-        chunks = recording_chunks(
-            audio,
-            None,
-            self.settings["normalize"],
-            SAMPLE_RATE,
-            self.settings["window_seconds"],
-            self.settings["min_last_seconds"],
-        )
-        return row, chunks
+        yield first
+        yield from chunks
 
 
-def _as_is(item: tuple[int, list[np.ndarray] | str]) -> tuple[int, list[np.ndarray] | str]:
+def _as_is(item: tuple[int, Iterable[np.ndarray] | str]) -> tuple[int, Iterable[np.ndarray] | str]:
     return item
 
 
@@ -162,20 +176,31 @@ class _PartEncoder:
         self.waiting: dict[int, list[tuple[int, np.ndarray]]] = {}
         self.bad: dict[int, str] = {}
 
-    def add(self, row: int, chunks: list[np.ndarray] | str) -> None:
-        if isinstance(chunks, str):
+    def add(self, row: int, chunks: Iterable[np.ndarray] | str) -> None:
+        """Take a recording's chunks, or the reason it cannot be used (also an `AudioError` met
+        while its chunks come: what was taken of it is dropped)."""
+        first = len(self.features)
+        try:
+            if isinstance(chunks, str):
+                raise AudioError(chunks)
+            for chunk in chunks:
+                slot = len(self.features)
+                self.chunk_recording.append(row)
+                self.features.append(None)
+                group = self.waiting.setdefault(len(chunk), [])
+                group.append((slot, chunk))
+                if len(group) == self.batch_size:
+                    self._encode(len(chunk))
+        except AudioError as error:
             if not self.skip_bad:
-                raise FeatureCacheError(f"{chunks} (or pass --skip-bad to drop such recordings)")
-            self.bad[row] = chunks
+                raise FeatureCacheError(f"{error} (or pass --skip-bad to drop such recordings)") from None
+            self.bad[row] = str(error)
+            del self.features[first:], self.chunk_recording[first:]
+            for length, group in list(self.waiting.items()):
+                self.waiting[length] = [(slot, chunk) for slot, chunk in group if slot < first]
+                if not self.waiting[length]:
+                    del self.waiting[length]
             return
-        for chunk in chunks:
-            slot = len(self.features)
-            self.chunk_recording.append(row)
-            self.features.append(None)
-            group = self.waiting.setdefault(len(chunk), [])
-            group.append((slot, chunk))
-            if len(group) == self.batch_size:
-                self._encode(len(chunk))
         if sum(len(group) for group in self.waiting.values()) >= PENDING_BATCHES * self.batch_size:
             for length in list(self.waiting):
                 self._encode(length)
@@ -339,7 +364,7 @@ def extract_features(
     save_record(out_dir, record)
     pending = store.pending()
     rows = [row for index in pending for row in parts[index]]
-    audio = _RecordingAudio(rows, audio_files, settings, min_samples)
+    audio = _RecordingAudio(rows, audio_files, settings, min_samples, lazy=workers == 0)
     loader = DataLoader(audio, batch_size=None, num_workers=workers, collate_fn=_as_is)
     bar = tqdm(
         total=len(task),
