@@ -1,10 +1,13 @@
-"""Peak memory of data preparation against recording length (culturemert/data/writing.py, thesis 3.1).
+"""Peak memory of data preparation and of probe feature extraction against recording length
+(culturemert/data/writing.py, thesis 3.1; culturemert/probing/features.py, thesis 3.5.2).
 
 Generates 1 minute and 1 hour of 44.1 kHz stereo 16-bit WAV (a chord and noise, written block
-by block), prepares each as the only recording of a makam run (30 s segments at 24 kHz mono) in a
-fresh process, and prints that process's peak RSS, with the peak of the same process after its
-imports only. Recordings are decoded in blocks (`culturemert.audio.stream_audio`), so the 1-hour
-figure should stay within 1.2x of the 1-minute one. Then checks the written segments against
+by block). Each is prepared as the only recording of a makam run (30 s segments at 24 kHz mono),
+and its features extracted by a tiny random model (configs/model/tiny.yaml) in 30 s windows with
+no duration cut, each in a fresh process; the benchmark prints that process's peak RSS, with the
+peak of the same process after its imports only. Recordings are decoded in blocks
+(`culturemert.audio.stream_audio`) and windows encoded as they are decoded, so each 1-hour
+figure should stay within 1.2x of its 1-minute one. Then checks the written segments against
 decoding the whole file at once (soundfile + one `soxr.resample` call): the 1-minute file
 entirely, the first 5 minutes of the hour; the max abs difference includes the 16-bit rounding of
 the written FLAC (half a step is 1.5e-5).
@@ -34,13 +37,14 @@ COMPARED_SECONDS = 300
 SEGMENT_SECONDS = 30
 
 CHILD = """
-import resource, sys
-from culturemert.cli.prepare_data import main
+import importlib, resource, sys
+main = importlib.import_module(f"culturemert.cli.{sys.argv[1]}").main
 imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if sys.argv[1:]:
-    assert main(sys.argv[1:]) == 0
+if sys.argv[2:]:
+    assert main(sys.argv[2:]) == 0
 print(imports, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
+TINY = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny.yaml"
 
 
 def generate(path: Path, seconds: int) -> None:
@@ -57,11 +61,12 @@ def generate(path: Path, seconds: int) -> None:
             handle.write(np.stack([left, 0.8 * left], axis=1))
 
 
-def peak_rss_mib(*argv: str) -> tuple[float, float]:
-    """(after imports, at the end) peak RSS in MiB of a fresh process running prepare_data `argv`."""
-    result = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, check=False)
+def peak_rss_mib(tool: str, *argv: str) -> tuple[float, float]:
+    """(after imports, at the end) peak RSS in MiB of a fresh process running `tool` `argv`."""
+    command = [sys.executable, "-c", CHILD, tool, *argv]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        sys.exit(f"audio_memory: prepare_data failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"audio_memory: {tool} failed:\n{result.stderr[-3000:]}")
     imports, peak = (int(value) / 1024 for value in result.stdout.split()[-2:])
     return imports, peak
 
@@ -71,8 +76,18 @@ def prepare(recording: Path, out: Path) -> tuple[float, float]:
     split.write_text(f"{recording.name},train\n")
     hours = str(2 * SEGMENT_SECONDS / 3600 + 2)  # more than the recording: every segment is written
     return peak_rss_mib(
-        "--run", "makam", "--culture", f"makam={recording.parent}", "--split", f"makam={split}",
-        "--replay-share", "0", "--stage1-hours", hours, "--stage2-hours", hours, "--out", str(out),
+        "prepare_data", "--run", "makam", "--culture", f"makam={recording.parent}",
+        "--split", f"makam={split}", "--replay-share", "0", "--stage1-hours", hours,
+        "--stage2-hours", hours, "--out", str(out),
+    )  # fmt: skip
+
+
+def extract(recording: Path, model: Path, out: Path) -> tuple[float, float]:
+    task = recording.with_name("task.csv")
+    task.write_text(f"path,split,tags\n{recording.name},train,a\n")
+    return peak_rss_mib(
+        "probe", "extract", "--model", str(model), "--task", str(task), "--audio-root",
+        str(recording.parent), "--out", str(out), "--no-progress",
     )  # fmt: skip
 
 
@@ -98,24 +113,31 @@ def main() -> None:
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp(prefix="audio_memory-"))
     try:
-        imports, _ = peak_rss_mib()
-        print(f"peak RSS after imports only: {imports:.0f} MiB")
-        figures = {}
+        for tool in ("prepare_data", "probe"):
+            print(f"{tool}: peak RSS after imports only: {peak_rss_mib(tool)[0]:.0f} MiB")
+        model = folder / "tiny.pt"
+        peak_rss_mib("init_model", "--config", str(TINY), "--out", str(model))
+        figures: dict[tuple[str, str], float] = {}
         for label, seconds in (("1 minute", 60), ("1 hour", 3600)):
-            recording = folder / label.replace(" ", "_") / "recording.wav"
+            name = label.replace(" ", "_")
+            recording = folder / name / "recording.wav"
             recording.parent.mkdir(parents=True, exist_ok=True)
             generate(recording, seconds)
-            out = folder / f"out_{label.replace(' ', '_')}"
-            _, figures[label] = prepare(recording, out)
+            out = folder / f"out_{name}"
+            _, figures[("prepare_data", label)] = prepare(recording, out)
             compared = min(seconds, COMPARED_SECONDS)
             difference = max_difference(recording, out, compared)
+            _, figures[("probe extract", label)] = extract(recording, model, folder / f"features_{name}")
             print(
                 f"{label} of 44.1 kHz stereo ({recording.stat().st_size / 2**20:.0f} MiB WAV): peak RSS "
-                f"{figures[label]:.0f} MiB; first {compared} s vs whole-file decoding: "
-                f"max abs diff {difference:.2e}"
+                f"prepare_data {figures[('prepare_data', label)]:.0f} MiB, probe extract "
+                f"{figures[('probe extract', label)]:.0f} MiB; prepared, first {compared} s vs "
+                f"whole-file decoding: max abs diff {difference:.2e}"
             )
-        ratio = figures["1 hour"] / figures["1 minute"]
-        print(f"1 hour / 1 minute peak RSS: {ratio:.2f}x ({'within' if ratio <= 1.2 else 'above'} 1.2x)")
+        for tool in ("prepare_data", "probe extract"):
+            ratio = figures[(tool, "1 hour")] / figures[(tool, "1 minute")]
+            within = "within" if ratio <= 1.2 else "above"
+            print(f"{tool}: 1 hour / 1 minute peak RSS {ratio:.2f}x ({within} 1.2x)")
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
